@@ -1,0 +1,61 @@
+"""Plain result types passed from the Predictor to the command line and to the Slicer scene."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from MMCAFNetLib.volume import Volume
+
+#: Label values of the labelmap and its colour table, by class letter.
+CLASS_LABELS = {
+    "A": (1, "Adenocarcinoma", (0.90, 0.35, 0.20)),
+    "B": (2, "Small cell carcinoma", (0.25, 0.55, 0.90)),
+    "E": (3, "Large cell carcinoma", (0.55, 0.80, 0.30)),
+    "G": (4, "Squamous cell carcinoma", (0.85, 0.70, 0.20)),
+}
+
+
+@dataclass
+class WindowResult:
+    """One evaluated window: its centre and box in RAS, and its class probabilities."""
+
+    center_ras: tuple[float, float, float]
+    box_ras: tuple[tuple[float, float, float], tuple[float, float, float]]  # (min corner, max corner)
+    probabilities: list[float]
+
+
+@dataclass
+class Classification:
+    """What ``Predictor.classify`` returns.
+
+    ``probabilities`` are per class in ``class_names`` order (for a binary model: [1-p, p]).
+    ``heatmap`` (float32 0..1) and ``labelmap`` (uint8) are on the input CT's grid, or None.
+    """
+
+    class_names: list[str]
+    class_labels: list[str]  # display names, e.g. "Adenocarcinoma"
+    probabilities: np.ndarray
+    predicted_index: int
+    threshold: float
+    windows: list[WindowResult]
+    heatmap: Optional[Volume]
+    labelmap: Optional[Volume]
+    label_value: int
+    timings: dict[str, float]
+    model: dict[str, Any] = field(default_factory=dict)  # name, version, demo flag, checkpoint id
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def predicted_class(self) -> str:
+        return self.class_names[self.predicted_index]
+
+    @property
+    def predicted_label(self) -> str:
+        return self.class_labels[self.predicted_index]
+
+    @property
+    def probability(self) -> float:
+        return float(self.probabilities[self.predicted_index])
