@@ -59,3 +59,7 @@ class Classification:
     @property
     def probability(self) -> float:
         return float(self.probabilities[self.predicted_index])
+
+
+class Cancelled(Exception):
+    """Raised by a classification that was cancelled through its cancel event; nothing was written."""
