@@ -193,6 +193,8 @@ def scan_folder(folder: str | os.PathLike) -> tuple[dict[str, list[DicomSlice]],
             problems.append(f"corrupt DICOM file skipped: {path} ({type(exc).__name__}: {exc})")
             continue
         if "PixelData" not in sl.dataset and "FloatPixelData" not in sl.dataset:
+            if not sl.sop_class_uid:  # neither an image nor a known non-image object
+                problems.append(f"corrupt DICOM file skipped: {path} (no SOP Class and no pixel data)")
             continue
         if sl.rows <= 0 or sl.columns <= 0:
             problems.append(f"DICOM file without image size skipped: {path}")
@@ -379,7 +381,7 @@ def _regular_targets(slices: list[DicomSlice], dist: np.ndarray, warn: list[str]
         + f". Resampled onto a regular grid of {count} slices at {targets[1] - targets[0]:.3f} mm by linear "
         "interpolation between neighbouring slices."
     )
-    return slices, dist, targets
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------
