@@ -1,0 +1,160 @@
+"""Training configuration: one flat, JSON-serialisable record of every choice a run makes.
+
+Precedence, lowest first: the dataclass defaults, the recipe (``paper`` stage N or ``default``),
+the JSON file given with ``--config``, then explicit command-line options. The resolved
+configuration is written to the run folder and stored in every checkpoint, so a run can be
+repeated exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+TASKS = {"AG": ["A", "G"], "ABEG": ["A", "B", "E", "G"]}
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "mmcafnet-lite"
+    task: str = "AG"
+    recipe: str = "default"
+    stage: Optional[int] = None  # paper recipe: 1 backbone, 2 pyramid, 3 fusion
+    model_overrides: dict = field(default_factory=dict)  # passed to create_model(**overrides)
+    freeze: list = field(default_factory=list)  # parts passed to models.freeze
+    init: Optional[str] = None  # checkpoint whose matching weights start the run (stages 2 and 3)
+    preset: Any = "default"  # preset name or Preset.to_dict()
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 4
+    grad_accum: int = 1
+    optimizer: str = "adamw"  # "sgd" | "adamw"
+    lr: float = 3e-4
+    momentum: float = 0.9
+    dampening: float = 0.0
+    weight_decay: float = 0.05
+    warmup_iters: int = 0  # linear warm-up, counted in optimiser steps
+    warmup_fraction: float = 0.05  # used when warmup_iters == 0: share of all steps
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    loss: str = "focal"  # "focal" | "bce" | "ce"
+    focal_gamma: float = 2.0
+    focal_alpha: Optional[float] = None
+    label_smoothing: float = 0.0
+    balanced_sampling: bool = True  # draw classes equally often (sampling with replacement)
+    # data
+    windows_per_patient: int = 1  # training windows drawn per patient per epoch
+    augment: bool = True
+    jitter_slices: int = 2
+    rotate_degrees: float = 15.0
+    flip: bool = True
+    num_workers: int = 0
+    cache_dir: Optional[str] = None
+    # validation and stopping
+    threshold_method: str = "youden"
+    aggregate: str = "max"
+    early_stopping_patience: int = 10  # epochs without a better validation AUROC; 0 = off
+    selection_metric: str = "auroc"
+    # k-fold: None uses the cohort's split column; an int K uses fold K as validation
+    fold: Optional[int] = None
+    # execution
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA where supported, fp16 with a scaler otherwise
+    channels_last: bool = True  # channels_last_3d on CUDA
+    batchnorm: str = "auto"  # "auto" (sync under CUDA DDP) | "train" | "sync" | "frozen"
+    keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch-NNN.pt
+    stop_after_epochs: Optional[int] = None  # stop as if killed (tests resumption)
+    progress: bool = True
+    demo: bool = False  # the checkpoint is trained on synthetic data
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(TASKS[self.task])
+
+    @property
+    def num_outputs(self) -> int:
+        """One logit for a binary task (positive = the second class), else one per class."""
+        n = len(self.class_names)
+        return 1 if n == 2 else n
+
+    def validate(self) -> TrainConfig:
+        """Refuse inconsistent settings with a message naming the setting and the allowed values."""
+        checks = [
+            (self.task in TASKS, f"task must be one of {sorted(TASKS)}, got {self.task!r}"),
+            (self.recipe in ("paper", "default"), f"recipe must be 'paper' or 'default', got {self.recipe!r}"),
+            (self.stage in (None, 1, 2, 3), f"stage must be 1, 2 or 3, got {self.stage!r}"),
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.grad_accum >= 1, "grad_accum must be at least 1"),
+            (self.optimizer in ("sgd", "adamw"), f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}"),
+            (self.lr > 0, "lr must be positive"),
+            (self.loss in ("focal", "bce", "ce"), f"loss must be 'focal', 'bce' or 'ce', got {self.loss!r}"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must lie in [0, 1)"),
+            (self.threshold_method in ("youden", "accuracy"), "threshold_method must be 'youden' or 'accuracy'"),
+            (self.aggregate in ("max", "mean"), "aggregate must be 'max' or 'mean'"),
+            (self.batchnorm in ("auto", "train", "sync", "frozen"), "batchnorm must be auto, train, sync or frozen"),
+            (self.windows_per_patient >= 1, "windows_per_patient must be at least 1"),
+            (self.selection_metric in ("auroc", "loss"), "selection_metric must be 'auroc' or 'loss'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"training configuration: {message}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown training setting(s) {unknown}; known settings: {sorted(known)}"
+            )
+        return cls(**d)
+
+    def updated(self, overrides: dict[str, Any]) -> TrainConfig:
+        d = self.to_dict()
+        known = set(d)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known settings: {sorted(known)}")
+        d.update(overrides)
+        return TrainConfig(**d)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON object of settings; keys starting with '_' are comments and ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"training config {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"training config {path} must hold a JSON object of settings")
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def resolve_config(
+    recipe: Optional[str] = None,
+    stage: Optional[int] = None,
+    config_file: Optional[str | Path] = None,
+    overrides: Optional[dict[str, Any]] = None,
+) -> TrainConfig:
+    """Defaults < recipe < config file < explicit overrides (None values in overrides are ignored)."""
+    from MMCAFNetLib.train.recipes import recipe_settings
+
+    file_settings = read_config_file(config_file) if config_file else {}
+    explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
+    recipe = explicit.get("recipe", file_settings.get("recipe", recipe or "default"))
+    stage = explicit.get("stage", file_settings.get("stage", stage))
+    config = TrainConfig().updated(recipe_settings(recipe, stage))
+    config = config.updated(file_settings).updated(explicit)
+    return config.validate()
