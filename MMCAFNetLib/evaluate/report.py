@@ -40,7 +40,7 @@ PAPER_COLUMNS = (
 
 def _binary_block(y: np.ndarray, p: np.ndarray, threshold: float, num_resamples: int, seed: int,
                   with_ci: bool = True) -> dict[str, Any]:
-    out: dict[str, Any] = {"num_patients": int(len(y)), "num_positive": int(y.sum()),
+    out: dict[str, Any] = {"num_patients": len(y), "num_positive": int(y.sum()),
                            "num_negative": int(len(y) - y.sum())}
     out["auroc"] = roc_auc(y, p) if len(y) else float("nan")
     out.update(binary_metrics(y, p, threshold) if len(y) else {})
@@ -80,7 +80,7 @@ def evaluate_patients(
     names = list(class_names)
     result: dict[str, Any] = {
         "class_names": names,
-        "num_patients": int(len(y)),
+        "num_patients": len(y),
         "class_counts": {n: int((y == i).sum()) for i, n in enumerate(names)},
         "threshold": float(threshold),
         "bootstrap": {"resamples": num_resamples, "seed": seed, "confidence": 0.95, "unit": "patient"},
