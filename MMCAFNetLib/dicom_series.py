@@ -588,6 +588,7 @@ def build_volume(slices: list[DicomSlice], source: str, warn: list[str]) -> Volu
 
     if len(slices) > 1:
         slices, _ = _order_along_normal(slices, normal)
+    num_files = len(slices)
     array, slices = _stack_hu(slices, warn)  # corrupt slices dropped (and reported) here
 
     ijk_to_lps = np.eye(4)
@@ -603,7 +604,13 @@ def build_volume(slices: list[DicomSlice], source: str, warn: list[str]) -> Volu
         warn.append("a single DICOM slice: the volume has one slice (pass the series folder for the whole series)")
     else:
         slices, dist = _order_along_normal(slices, normal)
-        targets = _regular_targets(slices, dist, warn)
+        try:
+            targets = _regular_targets(slices, dist, warn)
+        except VolumeError as exc:
+            if len(slices) == num_files:
+                raise
+            corrupt = [w for w in warn if w.startswith("corrupt")]
+            raise VolumeError(f"{exc} The gap comes from unreadable files: {'; '.join(corrupt)}") from exc
         origin = slices[0].position
         steps = (len(targets) - 1) if targets is not None else (len(slices) - 1)
         step = (slices[-1].position - slices[0].position) / steps
@@ -612,7 +619,7 @@ def build_volume(slices: list[DicomSlice], source: str, warn: list[str]) -> Volu
         if tilt > 0.05:
             warn.append(
                 f"slices are offset in-plane along the series (gantry tilt of {tilt:.2f} degrees): the volume "
-                "grid is sheared; resample it (resample_to_spacing) for an orthogonal grid"
+                "grid is sheared (exact geometry kept); resample_to_grid onto an orthogonal grid straightens it"
             )
         if targets is not None:
             array = _interpolate_slices(array, dist, targets)
@@ -649,6 +656,12 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: Optional[str] = Non
                 f"{folder} holds {len(not_dicom)} file(s) but none is a DICOM image "
                 f"(e.g. {os.path.basename(not_dicom[0])}). Point to a DICOM series folder or to an image file "
                 "(.nrrd, .nii, .nii.gz, .mha, .mhd)."
+            )
+        subfolders = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        if subfolders:
+            raise VolumeError(
+                f"{folder} holds no DICOM files, only {len(subfolders)} sub-folder(s) (e.g. {subfolders[0]!r}). "
+                "Point to the folder of one CT series itself; series are not searched for in sub-folders."
             )
         raise VolumeError(f"{folder} is empty: no DICOM files found. Point to the folder of one CT series.")
     uid = choose_series(groups, series_uid, folder)
