@@ -1,0 +1,304 @@
+"""Heatmaps: per-window maps from the network, combined on the CT's own grid, and the labelmap.
+
+How a heatmap is made (the Predictor calls these in this order):
+
+1. Per window, a low-resolution map from the network: ``attention`` combines the model's own
+   spatial-attention (SAB) maps of every pyramid level by upsampling each level to the finest
+   level's grid and taking their mean (every level votes equally, so a region must be attended at
+   several scales to stand out); ``gradcam`` is Grad-CAM on ``.features`` (the last pyramid level)
+   for each class.
+2. Each window's map is upsampled (trilinear) to the window's voxel grid, scaled by that window's
+   probability of the predicted class (so where windows overlap, the ones that drove the
+   max-aggregated prediction dominate) and pasted onto a canvas on the preprocessed grid, combining
+   overlapping windows by max.
+3. The canvas is normalised to 0..1 over the evaluated windows (minimum -> 0, maximum -> 1) and is 0
+   outside them, then resampled to the CT grid in physical space (direction cosines respected) by
+   :func:`resample_to_grid`, the single place where maps change grid.
+4. The labelmap carries the predicted class's label value where the heatmap is >= the threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from MMCAFNetLib.volume import Volume
+
+_AXIS_TOL = 1e-6
+
+
+def combine_attention_levels(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-level SAB maps ``[B, 1, d, h, w]`` (finest first) -> one map ``[B, d0, h0, w0]``.
+
+    Each level is upsampled trilinearly to the finest level's grid; the levels are averaged.
+    """
+    if not levels:
+        raise ValueError("the model returned no attention maps; use heatmap='gradcam' or None")
+    target = tuple(levels[0].shape[-3:])
+    acc = None
+    for level in levels:
+        lv = level.float()
+        if lv.dim() == 4:
+            lv = lv.unsqueeze(1)
+        if tuple(lv.shape[-3:]) != target:
+            lv = F.interpolate(lv, size=target, mode="trilinear", align_corners=False)
+        acc = lv if acc is None else acc + lv
+    return (acc / len(levels))[:, 0]
+
+
+def gradcam_from_gradients(features: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM: ``relu(sum_c mean(dscore/dA_c) * A_c)``; features and gradients ``[B, C, d, h, w]``."""
+    weights = gradients.float().mean(dim=(2, 3, 4), keepdim=True)
+    return torch.relu((weights * features.float()).sum(dim=1))
+
+
+def upsample_map(small: np.ndarray, shape_kji: Sequence[int]) -> np.ndarray:
+    """A low-resolution window map ``[d, h, w]`` -> the window's voxel grid (trilinear, cell-centred)."""
+    t = torch.as_tensor(np.ascontiguousarray(small), dtype=torch.float32)[None, None]
+    if tuple(t.shape[-3:]) == tuple(shape_kji):
+        return t[0, 0].numpy().copy()
+    out = F.interpolate(t, size=tuple(int(s) for s in shape_kji), mode="trilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+class WindowCanvas:
+    """Accumulates per-window maps on a reference grid (the preprocessed CT), combining by max.
+
+    Windows that are integer-shifted sub-grids of the reference grid (what the presets produce) are
+    pasted directly; any other window grid is resampled onto the reference grid in physical space.
+    """
+
+    def __init__(self, shape_kji: Sequence[int], ijk_to_ras: np.ndarray) -> None:
+        self.shape = tuple(int(s) for s in shape_kji)
+        self.ijk_to_ras = np.asarray(ijk_to_ras, dtype=np.float64)
+        self.values = np.zeros(self.shape, dtype=np.float32)
+        self.evaluated = np.zeros(self.shape, dtype=bool)
+
+    def add(self, window_map: np.ndarray, window_ijk_to_ras: np.ndarray) -> None:
+        """Paste one window's map (already on the window's voxel grid, ``[D, H, W]``)."""
+        window_map = np.asarray(window_map, dtype=np.float32)
+        offset = _integer_offset(self.ijk_to_ras, np.asarray(window_ijk_to_ras, dtype=np.float64))
+        if offset is None:
+            resampled = resample_to_grid(window_map, window_ijk_to_ras, self.ijk_to_ras, self.shape)
+            inside = resample_to_grid(
+                np.ones_like(window_map), window_ijk_to_ras, self.ijk_to_ras, self.shape
+            )
+            mask = inside > 0.5
+            np.maximum(self.values, np.where(mask, resampled, 0.0), out=self.values)
+            self.evaluated |= mask
+            return
+        start = np.array(offset[::-1])  # (k, j, i)
+        src_lo = np.maximum(-start, 0)
+        dst_lo = np.maximum(start, 0)
+        dst_hi = np.minimum(start + np.array(window_map.shape), self.shape)
+        if np.any(dst_hi <= dst_lo):
+            return
+        src_hi = src_lo + (dst_hi - dst_lo)
+        dst = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))
+        src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        np.maximum(self.values[dst], window_map[src], out=self.values[dst])
+        self.evaluated[dst] = True
+
+    def normalised(self) -> np.ndarray:
+        """0..1 over the evaluated voxels (min -> 0, max -> 1); 0 outside them."""
+        out = np.zeros(self.shape, dtype=np.float32)
+        if not self.evaluated.any():
+            return out
+        vals = self.values[self.evaluated]
+        lo, hi = float(vals.min()), float(vals.max())
+        if hi - lo <= 1e-12:
+            out[self.evaluated] = 1.0 if hi > 0 else 0.0
+            return out
+        out[self.evaluated] = (vals - lo) / (hi - lo)
+        return out
+
+
+def _integer_offset(reference: np.ndarray, window: np.ndarray) -> Optional[tuple[int, int, int]]:
+    """(i, j, k) offset when ``window`` is the reference grid shifted by whole voxels, else None."""
+    if not np.allclose(reference[:3, :3], window[:3, :3], rtol=1e-5, atol=1e-6):
+        return None
+    shift = np.linalg.solve(reference[:3, :3], window[:3, 3] - reference[:3, 3])
+    rounded = np.round(shift)
+    if not np.allclose(shift, rounded, atol=1e-3):
+        return None
+    return tuple(int(v) for v in rounded)  # type: ignore[return-value]
+
+
+def resample_to_grid(
+    array: np.ndarray,
+    src_ijk_to_ras: np.ndarray,
+    dst_ijk_to_ras: np.ndarray,
+    dst_shape_kji: Sequence[int],
+) -> np.ndarray:
+    """Linear resampling of a map from one grid to another in physical space; 0 outside the source.
+
+    Only the part of the destination grid that the source covers is computed (then pasted into
+    zeros), and grids that share axis directions (the usual case: the preprocessed grid of a CT)
+    take a separable path, so a whole 512 x 512 x 300 CT grid is filled in a fraction of a second.
+    """
+    src = np.asarray(array, dtype=np.float32)
+    dst_shape = tuple(int(s) for s in dst_shape_kji)
+    out = np.zeros(dst_shape, dtype=np.float32)
+    # dst (i, j, k, 1) -> src (i, j, k, 1)
+    m = np.linalg.solve(np.asarray(src_ijk_to_ras, dtype=np.float64), np.asarray(dst_ijk_to_ras, dtype=np.float64))
+    # Crop the source to its non-zero support (plus one voxel) so empty space costs nothing.
+    nz = np.nonzero(src.any(axis=(1, 2)))[0], np.nonzero(src.any(axis=(0, 2)))[0], np.nonzero(src.any(axis=(0, 1)))[0]
+    if any(len(a) == 0 for a in nz):
+        return out
+    lo_kji = np.array([max(int(a[0]) - 1, 0) for a in nz])
+    hi_kji = np.array([min(int(a[-1]) + 2, n) for a, n in zip(nz, src.shape)])
+    src = src[lo_kji[0] : hi_kji[0], lo_kji[1] : hi_kji[1], lo_kji[2] : hi_kji[2]]
+    shift = np.eye(4)
+    shift[:3, 3] = -lo_kji[::-1]
+    m = shift @ m  # dst ijk -> cropped src ijk
+    # Destination bounding box of the cropped source's extent (voxel edges).
+    src_ijk_box = np.array(
+        [[x, y, z] for x in (-0.5, src.shape[2] - 0.5) for y in (-0.5, src.shape[1] - 0.5) for z in (-0.5, src.shape[0] - 0.5)]
+    )
+    inv = np.linalg.inv(m)
+    corners = (np.c_[src_ijk_box, np.ones(8)] @ inv.T)[:, :3]
+    d_lo = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)  # (i, j, k)
+    d_hi = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 1, np.array(dst_shape[::-1]))
+    if np.any(d_hi <= d_lo):
+        return out
+    sub_shape = tuple(int(v) for v in (d_hi - d_lo)[::-1])
+    shift = np.eye(4)
+    shift[:3, 3] = d_lo
+    m_sub = m @ shift  # sub-block ijk -> cropped src ijk
+    lin = m_sub[:3, :3]
+    region = (slice(d_lo[2], d_hi[2]), slice(d_lo[1], d_hi[1]), slice(d_lo[0], d_hi[0]))
+    if np.all(np.abs(lin - np.diag(np.diag(lin))) < _AXIS_TOL * max(1.0, np.abs(lin).max())):
+        if region == tuple(slice(0, n) for n in dst_shape):
+            _separable(src, np.diag(lin), m_sub[:3, 3], out)
+        else:
+            block = np.empty(sub_shape, dtype=np.float32)
+            _separable(src, np.diag(lin), m_sub[:3, 3], block)
+            out[region] = block
+    else:
+        out[region] = _general(src, m_sub, sub_shape)
+    return out
+
+
+def _axis_weights(n_src: int, n_dst: int, scale: float, offset: float):
+    """Per destination index along one axis: source neighbours, weight of the upper one, validity."""
+    pos = scale * np.arange(n_dst, dtype=np.float64) + offset
+    valid = (pos >= -0.5) & (pos <= n_src - 0.5)
+    pos_c = np.clip(pos, 0.0, n_src - 1)
+    i0 = np.floor(pos_c).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_src - 1)
+    w = (pos_c - i0).astype(np.float32)
+    return i0, i1, w, valid
+
+
+def _take(t: torch.Tensor, axis: int, index: np.ndarray) -> torch.Tensor:
+    """index_select, with gather for the innermost axis (index_select is slow there)."""
+    idx = torch.from_numpy(index)
+    if axis == t.dim() - 1:
+        shape = list(t.shape)
+        shape[-1] = len(index)
+        return torch.gather(t, axis, idx.view([1] * (t.dim() - 1) + [-1]).expand(shape))
+    return torch.index_select(t, axis, idx)
+
+
+def _lerp_axis(t: torch.Tensor, axis: int, n_dst: int, scale: float, offset: float) -> torch.Tensor:
+    i0, i1, w, valid = _axis_weights(t.shape[axis], n_dst, scale, offset)
+    view = [1] * t.dim()
+    view[axis] = -1
+    out = torch.lerp(_take(t, axis, i0), _take(t, axis, i1), torch.from_numpy(w).view(view))
+    if not valid.all():
+        out.mul_(torch.from_numpy(valid.astype(np.float32)).view(view))
+    return out
+
+
+def _separable(
+    src: np.ndarray, scale_ijk: np.ndarray, offset_ijk: np.ndarray, out: np.ndarray
+) -> None:
+    """Axis-aligned linear interpolation into ``out``: in-plane first, then slice by slice along K.
+
+    The last pass writes each destination slice straight into ``out`` (no full-size temporaries),
+    which keeps a 512 x 512 x 300 grid well under a second.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(src))
+    k0, k1, wk, valid_k = _axis_weights(t.shape[0], out.shape[0], float(scale_ijk[2]), float(offset_ijk[2]))
+    needed = np.unique(np.r_[k0[valid_k], k1[valid_k]])
+    if needed.size == 0:
+        out[...] = 0
+        return
+    t = t[int(needed[0]) : int(needed[-1]) + 1]
+    base = int(needed[0])
+    # In-plane axes: shrink before growing to keep the intermediate small.
+    plane = [(1, out.shape[1], 1), (2, out.shape[2], 0)]
+    plane.sort(key=lambda a: a[1] / max(t.shape[a[0]], 1))
+    for axis, n_dst, ijk_axis in plane:
+        t = _lerp_axis(t, axis, n_dst, float(scale_ijk[ijk_axis]), float(offset_ijk[ijk_axis]))
+    out_t = torch.from_numpy(out)
+    for k in range(out.shape[0]):
+        if not valid_k[k]:
+            out_t[k].zero_()
+            continue
+        a, b = t[int(k0[k]) - base], t[int(k1[k]) - base]
+        if wk[k] == 0.0:
+            out_t[k].copy_(a)
+        else:
+            torch.lerp(a, b, float(wk[k]), out=out_t[k])
+
+
+def _general(src: np.ndarray, m: np.ndarray, shape_kji: tuple, chunk: int = 16) -> np.ndarray:
+    """Any affine (oblique grids): trilinear grid_sample, a few destination slices at a time."""
+    inp = torch.from_numpy(np.ascontiguousarray(src))[None, None]
+    n = np.array(src.shape[::-1], dtype=np.float64)  # (I, J, K) sizes
+    out = np.empty(shape_kji, dtype=np.float32)
+    jj, ii = np.meshgrid(np.arange(shape_kji[1]), np.arange(shape_kji[2]), indexing="ij")
+    for k0 in range(0, shape_kji[0], chunk):
+        ks = np.arange(k0, min(k0 + chunk, shape_kji[0]))
+        pts = np.stack(
+            [np.broadcast_to(ii, (len(ks), *ii.shape)), np.broadcast_to(jj, (len(ks), *jj.shape)),
+             np.broadcast_to(ks[:, None, None], (len(ks), *ii.shape))],
+            axis=-1,
+        ).reshape(-1, 3).astype(np.float64)
+        s = pts @ m[:3, :3].T + m[:3, 3]
+        inside = np.all((s >= -0.5) & (s <= n - 0.5), axis=1)
+        s = np.clip(s, 0, n - 1)
+        grid = (2.0 * s / np.maximum(n - 1, 1) - 1.0).astype(np.float32)  # align_corners=True
+        grid = torch.from_numpy(grid).view(1, len(ks), shape_kji[1], shape_kji[2], 3)
+        vals = F.grid_sample(inp, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        vals = vals[0, 0].numpy().reshape(-1) * inside
+        out[k0 : k0 + len(ks)] = vals.reshape(len(ks), shape_kji[1], shape_kji[2])
+    return out
+
+
+def heatmap_volume(canvas: WindowCanvas, target: Volume) -> Volume:
+    """The normalised canvas on ``target``'s grid: float32 0..1, the input CT's exact geometry."""
+    values = resample_to_grid(canvas.normalised(), canvas.ijk_to_ras, target.ijk_to_ras, target.shape)
+    np.clip(values, 0.0, 1.0, out=values)
+    peak = float(values.max()) if values.size else 0.0
+    if 0.0 < peak < 1.0:  # interpolation can miss the canvas maximum; keep the CT-grid peak at 1
+        values *= np.float32(1.0 / peak)
+        np.clip(values, 0.0, 1.0, out=values)
+    return Volume(values, target.ijk_to_ras.copy(), _geometry_meta(target, kind="heatmap"))
+
+
+def labelmap_volume(heatmap: Volume, label_value: int, threshold: float) -> Volume:
+    """uint8: ``label_value`` where the heatmap is >= ``threshold`` (and above 0), 0 elsewhere."""
+    if not 0 < int(label_value) < 256:
+        raise ValueError(f"label value {label_value} does not fit a uint8 labelmap")
+    mask = (heatmap.array >= threshold) & (heatmap.array > 0)
+    labels = np.where(mask, np.uint8(label_value), np.uint8(0)).astype(np.uint8)
+    return Volume(labels, heatmap.ijk_to_ras.copy(), _geometry_meta(heatmap, kind="labelmap"))
+
+
+def _geometry_meta(source: Volume, kind: str) -> dict:
+    keep = {k: source.meta[k] for k in ("series_uid", "source") if k in source.meta}
+    return {**keep, "kind": kind, "modality": None}
+
+
+def peak_ras(heatmap: Volume) -> Optional[np.ndarray]:
+    """RAS position of the heatmap's maximum voxel, or None for an all-zero map."""
+    arr = heatmap.array
+    if arr.size == 0 or float(arr.max()) <= 0:
+        return None
+    k, j, i = np.unravel_index(int(np.argmax(arr)), arr.shape)
+    return heatmap.ijk_to_ras_points([[i, j, k]])[0]

@@ -1,0 +1,188 @@
+"""Heatmap assembly: per-window maps onto the CT grid in physical space, and the labelmap."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from MMCAFNetLib import heatmap as hm
+from MMCAFNetLib.volume import LPS_TO_RAS, Volume, make_ijk_to_ras, read_volume, write_volume
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    c, s = np.cos(t), np.sin(t)
+    a, b = [x for x in range(3) if x != axis]
+    r = np.eye(3)
+    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r
+
+
+def oblique_directions() -> np.ndarray:
+    return rotation(2, 20.0) @ rotation(0, 12.0)
+
+
+def lps_flipped_directions() -> np.ndarray:
+    """A grid stored the way DICOM writes it: I along -R (patient left), J along -A (posterior)."""
+    return LPS_TO_RAS[:3, :3] @ np.eye(3)
+
+
+GRIDS = {
+    "axis-aligned": np.eye(3),
+    "oblique": oblique_directions(),
+    "lps-flipped": lps_flipped_directions(),
+}
+
+
+def peak_ras_of(array: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
+    k, j, i = np.unravel_index(int(np.argmax(array)), array.shape)
+    return (ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_one_hot_window_lands_on_its_voxel(grid: str) -> None:
+    """A window whose map is one at a single voxel peaks at that voxel's RAS point on the CT grid."""
+    directions = GRIDS[grid]
+    ct = Volume.from_geometry(np.zeros((40, 64, 64), np.float32), (0.8, 0.8, 1.5), (-25.0, 10.0, -30.0), directions)
+    # A coarser window grid, axis-aligned with the CT, placed somewhere inside it.
+    window_affine = make_ijk_to_ras((1.6, 1.6, 3.0), tuple(ct.ijk_to_ras_points([[10, 12, 5]])[0]), directions)
+    window = np.zeros((8, 16, 16), np.float32)
+    window[3, 9, 5] = 1.0
+    out = hm.resample_to_grid(window, window_affine, ct.ijk_to_ras, ct.shape)
+    expected = (window_affine @ np.array([5, 9, 3, 1.0]))[:3]
+    got = peak_ras_of(out, ct.ijk_to_ras)
+    assert np.linalg.norm(got - expected) <= 0.5 * np.linalg.norm(ct.spacing) + 1e-6
+    assert out.max() > 0.3
+    # Zero far from the window.
+    assert out[-1, -1, -1] == 0.0 and out[0, 0, 0] == 0.0
+
+
+@pytest.mark.parametrize("grid", ["oblique", "lps-flipped"])
+def test_window_in_a_rotated_frame_is_resampled_in_physical_space(grid: str) -> None:
+    """The window grid and the CT grid differ by a rotation (the general, non-separable path)."""
+    directions = GRIDS[grid]
+    origin = -directions @ np.array([23.5, 23.5, 14.5])  # the CT centred on RAS 0
+    ct = Volume.from_geometry(np.zeros((30, 48, 48), np.float32), (1.0, 1.0, 1.0), tuple(origin), directions)
+    window_affine = make_ijk_to_ras((2.0, 2.0, 2.0), (-10.0, -10.0, -8.0))  # axis-aligned RAS window
+    window = np.zeros((8, 10, 10), np.float32)
+    window[4, 5, 6] = 1.0
+    out = hm.resample_to_grid(window, window_affine, ct.ijk_to_ras, ct.shape)
+    expected = (window_affine @ np.array([6, 5, 4, 1.0]))[:3]
+    assert np.linalg.norm(peak_ras_of(out, ct.ijk_to_ras) - expected) <= 1.0
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_canvas_combines_overlapping_windows_by_max_and_normalises() -> None:
+    ref = make_ijk_to_ras((1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    canvas = hm.WindowCanvas((10, 20, 20), ref)
+    a = np.full((4, 8, 8), 0.2, np.float32)
+    b = np.full((4, 8, 8), 0.6, np.float32)
+    shift = np.eye(4)
+    shift[:3, 3] = [4, 4, 2]  # (i, j, k) whole-voxel offset
+    canvas.add(a, ref)
+    canvas.add(b, ref @ shift)
+    # Overlap (k 2..3, j 4..7, i 4..7) keeps the larger value.
+    assert canvas.values[3, 5, 5] == pytest.approx(0.6)
+    assert canvas.values[0, 0, 0] == pytest.approx(0.2)
+    norm = canvas.normalised()
+    assert norm[0, 0, 0] == pytest.approx(0.0)  # minimum over evaluated voxels
+    assert norm[3, 5, 5] == pytest.approx(1.0)
+    assert norm[9, 19, 19] == 0.0 and not canvas.evaluated[9, 19, 19]  # never evaluated
+    # A window hanging over the edge (negative start) is clipped, not wrapped.
+    shift[:3, 3] = [-3, -3, -1]
+    canvas.add(np.full((4, 8, 8), 0.9, np.float32), ref @ shift)
+    assert canvas.values[0, 0, 0] == pytest.approx(0.9)
+    assert canvas.values[3, 5, 5] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_heatmap_and_labelmap_have_the_input_geometry(grid: str, tmp_path) -> None:
+    ct = Volume.from_geometry(
+        np.full((24, 40, 36), -800, np.int16), (0.9, 0.7, 2.0), (12.0, -40.0, 100.0), GRIDS[grid], meta={"modality": "CT"}
+    )
+    prepared_affine = make_ijk_to_ras((1.4, 1.4, 3.0), tuple(ct.origin), GRIDS[grid])
+    canvas = hm.WindowCanvas((16, 20, 18), prepared_affine)
+    small = np.random.default_rng(0).random((2, 5, 5)).astype(np.float32)
+    canvas.add(hm.upsample_map(small, (6, 10, 10)), prepared_affine)
+    heat = hm.heatmap_volume(canvas, ct)
+    labels = hm.labelmap_volume(heat, 4, 0.5)
+    for vol, dtype in ((heat, np.float32), (labels, np.uint8)):
+        assert vol.shape == ct.shape
+        assert vol.array.dtype == dtype
+        np.testing.assert_allclose(vol.spacing, ct.spacing, atol=1e-9)
+        np.testing.assert_allclose(vol.origin, ct.origin, atol=1e-9)
+        np.testing.assert_allclose(vol.directions, ct.directions, atol=1e-9)
+        path = tmp_path / f"{grid}-{dtype.__name__}.nrrd"
+        write_volume(vol, path)
+        back = read_volume(path)
+        assert back.shape == ct.shape
+        np.testing.assert_allclose(back.ijk_to_ras, ct.ijk_to_ras, atol=1e-4)
+    assert 0.0 <= heat.array.min() and heat.array.max() == pytest.approx(1.0, abs=1e-5)
+    assert set(np.unique(labels.array)) <= {0, 4}
+    np.testing.assert_array_equal(labels.array == 4, (heat.array >= 0.5) & (heat.array > 0))
+    # The heatmap is zero outside the evaluated window (the far corner of the CT).
+    assert heat.array[-1, -1, -1] == 0.0
+
+
+def test_labelmap_refuses_a_label_that_does_not_fit_uint8() -> None:
+    heat = Volume(np.ones((2, 2, 2), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="uint8"):
+        hm.labelmap_volume(heat, 300, 0.5)
+
+
+def test_attention_levels_are_averaged_on_the_finest_grid() -> None:
+    fine = torch.zeros(2, 1, 4, 8, 8)
+    fine[:, :, 1, 2, 3] = 1.0
+    coarse = torch.full((2, 1, 2, 4, 4), 0.5)
+    out = hm.combine_attention_levels([fine, coarse])
+    assert out.shape == (2, 4, 8, 8)
+    # A constant coarse level adds a constant; the fine level's peak survives at its place.
+    assert tuple(np.unravel_index(int(out[0].argmax()), out[0].shape)) == (1, 2, 3)
+    assert float(out[0, 0, 0, 0]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="attention"):
+        hm.combine_attention_levels([])
+
+
+def test_gradcam_highlights_the_channel_that_raises_the_score() -> None:
+    features = torch.zeros(1, 2, 2, 4, 4)
+    features[0, 0, 1, 1, 1] = 3.0  # channel 0 active at one place
+    features[0, 1, 0, 2, 2] = 3.0  # channel 1 active elsewhere
+    gradients = torch.zeros_like(features)
+    gradients[0, 0] = 1.0  # only channel 0 raises the class score
+    gradients[0, 1] = -1.0
+    cam = hm.gradcam_from_gradients(features, gradients)
+    assert cam.shape == (1, 2, 4, 4)
+    assert tuple(np.unravel_index(int(cam[0].argmax()), cam[0].shape)) == (1, 1, 1)
+    assert float(cam[0, 0, 2, 2]) == 0.0  # negative evidence is clipped
+
+
+def test_peak_ras_and_empty_map() -> None:
+    vol = Volume.from_geometry(np.zeros((5, 6, 7), np.float32), (2.0, 2.0, 2.0), (1.0, 2.0, 3.0))
+    assert hm.peak_ras(vol) is None
+    vol.array[2, 3, 4] = 1.0
+    np.testing.assert_allclose(hm.peak_ras(vol), [1.0 + 8.0, 2.0 + 6.0, 3.0 + 4.0])
+
+
+def test_full_size_ct_grid_is_filled_quickly() -> None:
+    """Heatmap back onto a 512 x 512 x 300 CT grid from a preprocessed-grid canvas."""
+    ct_affine = make_ijk_to_ras((0.7, 0.7, 1.25), (-180.0, -180.0, -200.0))
+    prep_affine = make_ijk_to_ras((1.0, 1.0, 2.5), (-180.0, -180.0, -200.0))
+    canvas = np.random.default_rng(1).random((150, 358, 358)).astype(np.float32)
+    hm.resample_to_grid(canvas[:20, :40, :40], prep_affine, ct_affine, (300, 512, 512))  # warm-up
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        out = hm.resample_to_grid(canvas, prep_affine, ct_affine, (300, 512, 512))
+        best = min(best, time.perf_counter() - t)
+    assert out.shape == (300, 512, 512)
+    # Loose bound: the 2-core CI machine is shared; a local run takes about 0.6-1 s.
+    assert best < 4.0, f"resampling to a 512x512x300 grid took {best:.2f} s"
+    # A lesion-sized region is much faster (only the covered part is computed).
+    small = np.zeros_like(canvas)
+    small[60:72, 150:250, 150:250] = 1.0
+    t = time.perf_counter()
+    hm.resample_to_grid(small, prep_affine, ct_affine, (300, 512, 512))
+    assert time.perf_counter() - t < 1.0
