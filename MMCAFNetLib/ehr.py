@@ -529,14 +529,17 @@ def _clean_grading(value: Any) -> Any:
     return None if _is_missing(value) else normalise_text(value)
 
 
-def read_clinical_sheet(path: str | Path, schema: ClinicalSchema | None = None, sheet_name: str | None = None) -> pd.DataFrame:
+def read_clinical_sheet(
+    path: str | Path, schema: ClinicalSchema | None = None, sheet_name: str | None = None, strict: bool = True
+) -> pd.DataFrame:
     """Read the clinical sheet (.xlsx, or .csv with the same headers) into one row per patient.
 
     Columns: ``patient_id`` ("A0001"), the schema's field names (canonical raw values: "M", 63.0,
     "1a"; None when unknown) and ``histopathological_grading`` (reporting only). Headers are matched
     through the fields' aliases after Unicode normalisation (so the sheet's full-width ``Ｍ-Stage``
     is found). Invalid values known to occur (M stage 2 or 3) become unknown with a
-    ClinicalDataWarning; any other unreadable value raises ClinicalValueError naming the row.
+    ClinicalDataWarning; any other unreadable value raises ClinicalValueError naming the row, or
+    with ``strict=False`` also becomes unknown with a warning (so one typo does not stop indexing).
     The warnings are also listed in ``df.attrs["warnings"]``.
     """
     path = Path(path)
@@ -594,6 +597,9 @@ def read_clinical_sheet(path: str | Path, schema: ClinicalSchema | None = None, 
             except ClinicalValueError as exc:
                 if _token(value) in f.invalid_values:
                     messages.append(f"{path.name} patient {pid}: {f.label} value {_token(value)!r} is invalid, read as unknown")
+                    row[f.name] = None
+                elif not strict:
+                    messages.append(f"{path.name} patient {pid}: {exc}; read as unknown")
                     row[f.name] = None
                 else:
                     raise ClinicalValueError(f"{path.name} patient {pid}: {exc}") from None

@@ -85,7 +85,7 @@ OBLIQUE = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # coronal-like rows, to test the orie
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """A download with 5 subjects and the faults the real collection has."""
+    """A download with 5 subjects and the faults the real collection has (plus a multi-phase series)."""
     root = tmp_path_factory.mktemp("download")
     meta_rows, truth = [], {}
 
@@ -125,6 +125,9 @@ def tree(tmp_path_factory):
     _, u4, _ = add_series("Lung_Dx-B0003", 3, 2.0)
     _xml(ann / "B0003", u4[0], [(1, 1, 2, 2)], "B")
     add_series("Lung_Dx-E0005", 3, 2.0)
+    # G0006: its only CT series has all slices at one position (the reader would refuse it)
+    _, u6, _ = add_series("Lung_Dx-G0006", 3, 0.0)
+    _xml(ann / "G0006", u6[1], [(1, 1, 2, 2)], "G")
     _xml(ann / "A0099", generate_uid(), [(1, 1, 2, 2)], "A")
 
     pd.DataFrame(meta_rows, columns=list(METADATA_COLUMNS)).to_csv(root / "metadata.csv", index=False)
@@ -134,6 +137,7 @@ def tree(tmp_path_factory):
             [2, "G0002", "F", None, 55.5, 1, 0, "1a", None, 0],
             [3, "E0005", "M", 70, 80, "is", 2, 0, None, 1],
             [4, "A0266", "F", 60, 60, 3, 1, 0, None, 0],  # no images
+            [5, "G0006", "M", 66, 70, 4, 1, 0, None, 1],
         ],
         columns=SHEET_HEADERS,
     )
@@ -221,13 +225,15 @@ def test_every_skipped_item_warned_once_and_counted(indexed):
         "bad annotation label": 3,  # Q, empty, patient ID
         "unparsable annotation": 1,
         "UID with no image": 2,  # G0002's stray UID and A0001's Secondary Capture slice
+        "unusable CT series": 1,  # G0006's slices share one position
+        "patient without CT": 1,  # G0006 then has no usable CT
     }
     assert len(lines) == sum(skipped.values())
     assert result.report.counts["series not CT Image Storage (ignored)"] == 1
     assert result.report.counts["annotated slices in another CT series (ignored)"] == 1
     summary = format_summary(result)
     assert "A Adenocarcinoma: 1" in summary and "G Squamous cell carcinoma: 1" in summary
-    assert "UID with no image: 2" in summary and "CT Image Storage series: 5" in summary
+    assert "UID with no image: 2" in summary and "CT Image Storage series: 6" in summary
 
 
 def test_index_command_writes_a_readable_cohort(tree, tmp_path, capsys):
@@ -235,8 +241,8 @@ def test_index_command_writes_a_readable_cohort(tree, tmp_path, capsys):
     out = tmp_path / "cohort.csv"
     assert cli_main(["index", str(root), "--out", str(out), "--seed", "2", "--folds", "2", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "indexed 2 patient(s) of 4" in captured.out and "skipped items: 11" in captured.out
-    assert captured.err.count("warning: ") == 11
+    assert "indexed 2 patient(s) of 5" in captured.out and "skipped items: 13" in captured.out
+    assert captured.err.count("warning: ") == 13
     cohort = read_cohort(out)
     assert len(cohort) == 2 and set(cohort["split"]) <= {"train", "val", "test"}
     assert cohort.set_index("patient_id").loc["Lung_Dx-A0001", "t_stage"] == "2b"

@@ -224,3 +224,6 @@ def test_sheet_errors_are_clear(tmp_path):
     )
     with pytest.raises(ClinicalValueError, match=r"A0001.*T stage.*'7'"):
         read_clinical_sheet(wrong)
+    with pytest.warns(ClinicalDataWarning, match=r"A0001.*T stage.*'7'.*read as unknown"):
+        lenient = read_clinical_sheet(wrong, strict=False)
+    assert lenient.loc[0, "t_stage"] is None and lenient.loc[0, "sex"] == "M"

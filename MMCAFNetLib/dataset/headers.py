@@ -96,6 +96,19 @@ def sort_slices(headers: list[SliceHeader]) -> list[SliceHeader]:
     return sorted(headers, key=lambda h: (float(h.position @ normal), h.instance_number))
 
 
+def series_problem(sorted_headers: list[SliceHeader]) -> str | None:
+    """Why these slices cannot form one volume (None when they can): the reader would refuse them too."""
+    first = sorted_headers[0]
+    if any((h.rows, h.columns) != (first.rows, first.columns) for h in sorted_headers):
+        return "slices of different sizes"
+    if any(not np.allclose(h.orientation, first.orientation, atol=1e-3) for h in sorted_headers):
+        return "slices with different orientations"
+    dist = np.array([float(h.position @ slice_normal(first.orientation)) for h in sorted_headers])
+    if len(dist) > 1 and np.min(np.diff(dist)) < 1e-3:
+        return "two or more slices at the same position (several phases or duplicated files)"
+    return None
+
+
 def series_ijk_to_ras(sorted_headers: list[SliceHeader]) -> np.ndarray:
     """4x4 IJK->RAS of the volume these slices make (i = column, j = row, k = sorted slice index)."""
     first = sorted_headers[0]

@@ -19,7 +19,7 @@ import pandas as pd
 
 from MMCAFNetLib.dataset.annotations import SliceBox, annotation_folders, read_patient_annotations
 from MMCAFNetLib.dataset.cohort import BOX_IJK_COLUMNS, BOX_RAS_COLUMNS, cohort_columns
-from MMCAFNetLib.dataset.headers import read_series_headers, series_ijk_to_ras, sort_slices
+from MMCAFNetLib.dataset.headers import read_series_headers, series_ijk_to_ras, series_problem, sort_slices
 from MMCAFNetLib.dataset.metadata import class_of_subject, read_metadata, short_id
 from MMCAFNetLib.dataset.report import IndexReport
 from MMCAFNetLib.dataset.splits import assign_splits
@@ -63,7 +63,7 @@ def match_clinical_ids(subject_ids: Sequence[str], sheet_ids: Sequence[str], rep
 def read_sheet_into_report(path: Path, schema: ClinicalSchema, report: IndexReport) -> pd.DataFrame:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        df = read_clinical_sheet(path, schema)
+        df = read_clinical_sheet(path, schema, strict=False)
     for w in caught:
         report.warn("invalid clinical value", str(w.message))
     return df
@@ -177,9 +177,15 @@ def index_download(
             uids = {h.sop_uid for h in headers}
             all_uids |= uids
             hits = len(uids & set(boxes))
+            ordered = sort_slices(headers)
+            problem = series_problem(ordered)
+            if problem is not None:
+                if hits:
+                    report.warn("unusable CT series", f"{subject}: {series_dir}: {problem}; series skipped")
+                continue
             key = (hits, len(headers))
             if best is None or key > best[0]:
-                best = (key, s, sort_slices(headers))
+                best = (key, s, ordered)
         if best is None:
             report.warn("patient without CT", f"{subject}: no readable CT series; patient skipped")
             continue
