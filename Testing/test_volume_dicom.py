@@ -384,3 +384,31 @@ def test_a_300_slice_512_series_reads_in_seconds(tmp_path):
 def test_volume_rejects_2d_arrays():
     with pytest.raises(ValueError, match="3D"):
         Volume(np.zeros((4, 4)), np.eye(4))
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm", "MR_small_RLE.dcm"])
+def test_real_files_in_other_encodings_match_pydicoms_own_decoding(name):
+    """Big endian, deflated and RLE files: the fast path agrees with pydicom's pixel_array plus rescale."""
+    path = real_file(name)
+    ds = pydicom.dcmread(path)
+    expected = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    np.testing.assert_array_equal(read_volume(path).array[0], expected)
+
+
+def test_bits_stored_below_bits_allocated_are_masked_and_sign_extended(tmp_path):
+    stored = stored_ramp(k=3) | np.uint16(0xF000)  # garbage in the 4 unused high bits
+    _, paths = write_series(tmp_path, stored)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 1
+        ds.save_as(path)
+    expected = [pydicom.dcmread(p).pixel_array.astype(np.int32) - 1024 for p in paths]
+    assert any((e < -1024).any() for e in expected)  # some values are negative in 12-bit two's complement
+    np.testing.assert_array_equal(read_volume(tmp_path).array, np.stack(expected))
+
+
+def test_multi_frame_and_colour_files_are_refused_clearly():
+    with pytest.raises(VolumeError, match="multi-frame"):
+        read_volume(real_file("rtdose_rle.dcm"))
+    with pytest.raises(VolumeError, match="colour"):
+        read_volume(real_file("SC_rgb_rle.dcm"))
