@@ -72,7 +72,7 @@ def test_window_in_a_rotated_frame_is_resampled_in_physical_space(grid: str) -> 
     out = hm.resample_to_grid(window, window_affine, ct.ijk_to_ras, ct.shape)
     expected = (window_affine @ np.array([6, 5, 4, 1.0]))[:3]
     assert np.linalg.norm(peak_ras_of(out, ct.ijk_to_ras) - expected) <= 1.0
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
 
 
 def test_canvas_combines_overlapping_windows_by_max_and_normalises() -> None:
@@ -120,7 +120,7 @@ def test_heatmap_and_labelmap_have_the_input_geometry(grid: str, tmp_path) -> No
         back = read_volume(path)
         assert back.shape == ct.shape
         np.testing.assert_allclose(back.ijk_to_ras, ct.ijk_to_ras, atol=1e-4)
-    assert 0.0 <= heat.array.min() and heat.array.max() == pytest.approx(1.0, abs=1e-5)
+    assert heat.array.min() >= 0.0 and heat.array.max() == pytest.approx(1.0, abs=1e-5)
     assert set(np.unique(labels.array)) <= {0, 4}
     np.testing.assert_array_equal(labels.array == 4, (heat.array >= 0.5) & (heat.array > 0))
     # The heatmap is zero outside the evaluated window (the far corner of the CT).
@@ -170,14 +170,13 @@ def test_full_size_ct_grid_is_filled_quickly() -> None:
     """Heatmap back onto a 512 x 512 x 300 CT grid from a preprocessed-grid canvas."""
     ct_affine = make_ijk_to_ras((0.7, 0.7, 1.25), (-180.0, -180.0, -200.0))
     prep_affine = make_ijk_to_ras((1.0, 1.0, 2.5), (-180.0, -180.0, -200.0))
-    canvas = np.random.default_rng(1).random((150, 358, 358)).astype(np.float32)
+    canvas = np.full((150, 358, 358), 0.5, np.float32)
     hm.resample_to_grid(canvas[:20, :40, :40], prep_affine, ct_affine, (300, 512, 512))  # warm-up
-    best = float("inf")
-    for _ in range(2):
-        t = time.perf_counter()
-        out = hm.resample_to_grid(canvas, prep_affine, ct_affine, (300, 512, 512))
-        best = min(best, time.perf_counter() - t)
+    t = time.perf_counter()
+    out = hm.resample_to_grid(canvas, prep_affine, ct_affine, (300, 512, 512))
+    best = time.perf_counter() - t
     assert out.shape == (300, 512, 512)
+    assert float(out[150, 256, 256]) == pytest.approx(0.5)
     # Loose bound: the 2-core CI machine is shared; a local run takes about 0.6-1 s.
     assert best < 4.0, f"resampling to a 512x512x300 grid took {best:.2f} s"
     # A lesion-sized region is much faster (only the covered part is computed).
