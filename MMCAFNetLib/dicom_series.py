@@ -490,12 +490,13 @@ def _stack_hu(slices: list[DicomSlice], warn: list[str]) -> tuple[np.ndarray, li
         and float(intercepts[0]).is_integer()
     )
     if integral and all(r.dtype == first.dtype for r in raw):
-        stacked = np.stack(raw)
-        lo, hi = int(stacked.min()) + int(intercepts[0]), int(stacked.max()) + int(intercepts[0])
-        if lo >= -32768 and hi <= 32767:
-            out = stacked.astype(np.int16)
-            if intercepts[0] != 0:
-                out += np.int16(intercepts[0])
+        offset = int(intercepts[0])
+        lo = min(int(r.min()) for r in raw) + offset
+        hi = max(int(r.max()) for r in raw) + offset
+        if lo >= -32768 and hi <= 32767:  # exact HU in int16: one pass per slice, no float copy
+            out = np.empty((len(raw), first.shape[0], first.shape[1]), dtype=np.int16)
+            for k, arr in enumerate(raw):
+                np.add(arr, np.int32(offset), out=out[k], dtype=np.int32, casting="unsafe")
             return out, kept
     out = np.empty((len(raw), first.shape[0], first.shape[1]), dtype=np.float32)
     for k, arr in enumerate(raw):
