@@ -442,7 +442,7 @@ def _write_table(scene: Any, ct_node: Any, result: Classification, base: str) ->
         table.AddColumn(column)
     node.SetAndObserveTable(table)
     node.SetAttribute("MMCAFNet.PredictedClass", result.predicted_class)
-    node.SetAttribute("MMCAFNet.Model", str(result.model.get("name", "")))
+    node.SetAttribute("MMCAFNet.Model", str(result.model.get("model_name", result.model.get("name", ""))))
     node.SetAttribute("MMCAFNet.Demo", "1" if result.model.get("demo") else "0")
     return node
 
