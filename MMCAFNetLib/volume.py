@@ -248,7 +248,7 @@ def _read_itk_file(path: str) -> Volume:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line for line in first if "Description" in line or "ERROR" in line.upper()), first[-1] if first else "")
-        raise VolumeError(f"cannot read {path}: {detail.strip()}. Is the file complete and a valid image?") from exc
+        raise VolumeError(f"cannot read {path}: {detail.strip().rstrip('.:')}. Is the file complete and a valid image?") from exc
     meta = _empty_meta(path)
     volume = from_sitk(image, meta)
     if volume.array.dtype == np.float64:
