@@ -26,6 +26,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # passed to create_model(**overrides)
     freeze: list = field(default_factory=list)  # parts passed to models.freeze
     init: Optional[str] = None  # checkpoint whose matching weights start the run (stages 2 and 3)
+    init_parts: list = field(default_factory=list)  # only these name prefixes from --init (empty: all)
     preset: Any = "default"  # preset name or Preset.to_dict()
     # optimisation
     epochs: int = 30

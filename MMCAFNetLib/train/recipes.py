@@ -1,8 +1,9 @@
 """The two documented training recipes.
 
 ``paper`` reproduces the reference protocol, one command per stage:
-  1. the backbone trained on images alone (a classifier on pooled backbone features);
-  2. pyramid, attention and readout trained on the frozen backbone, still image-only;
+  1. the image encoder trained on images alone (the ``image-only`` counterpart of the model: its
+     image encoder with a linear head); only the backbone is carried forward;
+  2. pyramid, attention, readout and head trained afresh on the frozen stage-1 backbone, image-only;
   3. the multimodal model (clinical encoder + fusion + classifier) trained with the whole image
      encoder frozen.
 Each stage starts from the previous stage's checkpoint (``--init``). Binary focal loss (gamma 2,
@@ -54,9 +55,9 @@ PAPER_COMMON: dict[str, Any] = {
 
 #: What each paper stage trains; the parts are names understood by ``models.freeze``.
 PAPER_STAGES: dict[int, dict[str, Any]] = {
-    1: {"stage": 1, "freeze": [], "image_only": "backbone"},
-    2: {"stage": 2, "freeze": ["backbone"], "image_only": "image"},
-    3: {"stage": 3, "freeze": ["image"], "image_only": None},
+    1: {"stage": 1, "freeze": [], "init_parts": [], "image_only": True},
+    2: {"stage": 2, "freeze": ["backbone"], "init_parts": ["image_encoder.backbone"], "image_only": True},
+    3: {"stage": 3, "freeze": ["image_encoder"], "init_parts": ["image_encoder"], "image_only": False},
 }
 
 DEFAULT_RECIPE: dict[str, Any] = {
@@ -99,6 +100,6 @@ def recipe_settings(name: str, stage: Optional[int] = None) -> dict[str, Any]:
     raise ValueError(f"unknown recipe {name!r}; choose 'paper' or 'default'")
 
 
-def paper_stage_image_only(stage: Optional[int]) -> Optional[str]:
-    """Which image-only head a paper stage trains (None: the multimodal model)."""
-    return PAPER_STAGES[stage]["image_only"] if stage in PAPER_STAGES else None
+def paper_stage_image_only(stage: Optional[int]) -> bool:
+    """Whether a paper stage trains the image-only counterpart of the model (stages 1 and 2)."""
+    return bool(PAPER_STAGES[stage]["image_only"]) if stage in PAPER_STAGES else False

@@ -1,9 +1,10 @@
 """Epoch samplers whose order is a pure function of (seed, epoch): resuming needs no hidden state,
 and 1 process and N processes see the same global sequence of samples.
 
-Each yielded item is ``(dataset_index, draw)``: ``draw`` is the item's position in the epoch's
-global sequence, so the dataset can derive per-draw augmentation from (seed, epoch, draw) and a case
-drawn twice (balanced sampling draws with replacement) is augmented differently each time.
+Each yielded item is ``(dataset_index, draw, epoch)``: ``draw`` is the item's position in the
+epoch's global sequence, so the dataset can derive per-draw augmentation from (seed, epoch, draw)
+(also inside persistent loader workers) and a case drawn twice (balanced sampling draws with
+replacement) is augmented differently each time.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ class EpochSampler(DistributedSampler):
         order += order[: padded - len(order)]
         return order
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         order = self.global_order()
         for pos in range(self.rank, len(order), self.num_replicas):
-            yield order[pos], pos
+            yield order[pos], pos, self.epoch
 
     def __len__(self) -> int:
         return self.per_rank

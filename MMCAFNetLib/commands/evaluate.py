@@ -1,0 +1,35 @@
+"""``mmcafnet evaluate``: metrics with confidence intervals and a Markdown report for a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint (best.pt of a run, or a shipped model)")
+    parser.add_argument("--cohort", required=True, help="cohort table (CSV written by mmcafnet index)")
+    parser.add_argument("--split", default="test", help="train, val, test (default) or all")
+    parser.add_argument("--out", required=True, help="report folder (report.md, metrics.json, plots)")
+    parser.add_argument("--aggregate", choices=("max", "mean"),
+                        help="patient score over windows (default: the checkpoint's, max as the paper)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--small-lesion-mm", type=float, default=10.0,
+                        help="lesions up to this size (largest box side) are reported apart")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from MMCAFNetLib.evaluate.pipeline import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint, args.cohort, args.split, args.out, aggregate=args.aggregate, device=args.device,
+        num_resamples=args.bootstrap, seed=args.seed, small_lesion_mm=args.small_lesion_mm,
+        batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    keys = ("auroc", "accuracy", "f1", "specificity", "sensitivity", "ppv", "npv", "macro_f1", "ece", "threshold")
+    print(json.dumps({"report": f"{args.out}/report.md", **{k: metrics[k] for k in keys if k in metrics}}, indent=2))
+    return 0

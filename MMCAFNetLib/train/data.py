@@ -1,0 +1,320 @@
+"""From a cohort table to training and evaluation windows, and from a config to a model.
+
+Each patient's CT is read once, prepared with the run's preset (``windows.prepare_volume``) and
+cropped to the region its lesion windows can reach (plus the jitter margin); only that crop is
+kept in memory. Training items draw one lesion window per patient (``windows_per_patient``
+times per epoch) with slice jitter, in-plane shift, left-right flip and in-plane rotation;
+evaluation items are every window covering the lesion (``windows.window_centers_for_box``), with
+no augmentation, so a patient's score can be aggregated over them.
+
+Augmentation is a pure function of (seed, epoch, draw position): the data pipeline holds no
+random state, so a resumed run and a run split over N processes draw the same windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from MMCAFNetLib.preset import Preset
+from MMCAFNetLib.train.config import TrainConfig
+from MMCAFNetLib.volume import Volume
+
+BOX_RAS = ("box_ras_min_r", "box_ras_min_a", "box_ras_min_s", "box_ras_max_r", "box_ras_max_a", "box_ras_max_s")
+
+
+# ----------------------------------------------------------------------------- cohort
+def load_cohort(cohort) -> Any:
+    """A cohort DataFrame as given, or read (and checked) from a CSV path."""
+    import pandas as pd
+
+    if isinstance(cohort, pd.DataFrame):
+        return cohort.reset_index(drop=True)
+    from MMCAFNetLib.dataset import read_cohort
+
+    return read_cohort(Path(cohort))
+
+
+def split_cohort(df, config: TrainConfig):
+    """(train rows, validation rows) for the task: rows of other classes dropped; with
+    ``config.fold`` the validation rows are that fold of train+val, else the ``split`` column."""
+    classes = config.class_names
+    rows = df[df["label"].isin(classes)]
+    if config.fold is None:
+        train_df, val_df = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
+        where = "split column ('train' / 'val')"
+    else:
+        pool = rows[rows["split"] != "test"]
+        folds = sorted(int(f) for f in pool["fold"].unique() if int(f) >= 0)
+        if int(config.fold) not in folds:
+            raise ValueError(f"fold {config.fold} is not in the cohort; its folds are {folds}")
+        train_df, val_df = pool[pool["fold"] != config.fold], pool[pool["fold"] == config.fold]
+        where = f"fold {config.fold}"
+    for name, part in (("training", train_df), ("validation", val_df)):
+        missing = [c for c in classes if c not in set(part["label"])]
+        if len(part) == 0 or missing:
+            raise ValueError(
+                f"the {name} rows ({where}) of the cohort lack class(es) {missing or classes} for task "
+                f"{config.task}; re-split the cohort (mmcafnet index --seed) or use more patients"
+            )
+    return train_df.reset_index(drop=True), val_df.reset_index(drop=True)
+
+
+def available_folds(df) -> list[int]:
+    pool = df[df["split"] != "test"]
+    return sorted(int(f) for f in pool["fold"].unique() if int(f) >= 0)
+
+
+def lesion_size_mm(row) -> float:
+    """Largest side of the lesion's RAS bounding box, in mm (used to report small lesions apart)."""
+    lo = np.array([float(row[c]) for c in BOX_RAS[:3]])
+    hi = np.array([float(row[c]) for c in BOX_RAS[3:]])
+    return float(np.max(hi - lo))
+
+
+# ----------------------------------------------------------------------------- windows
+def _box_in_grid(volume: Volume, row) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The row's RAS box as inclusive (k, j, i) index ranges of ``volume``'s grid (clipped)."""
+    lo = np.array([float(row[c]) for c in BOX_RAS[:3]])
+    hi = np.array([float(row[c]) for c in BOX_RAS[3:]])
+    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    ijk = (np.linalg.inv(volume.ijk_to_ras) @ corners.T)[:3].T
+    kji = ijk[:, ::-1]
+    shape = np.array(volume.array.shape)
+    kmin = np.clip(np.floor(kji.min(axis=0) + 1e-6), 0, shape - 1).astype(int)
+    kmax = np.clip(np.ceil(kji.max(axis=0) - 1e-6), 0, shape - 1).astype(int)
+    kmax = np.maximum(kmax, kmin)
+    return tuple(int(v) for v in kmin), tuple(int(v) for v in kmax)
+
+
+def _crop(volume: Volume, start: np.ndarray, stop: np.ndarray, fill: float) -> Volume:
+    """Sub-volume [start, stop) in (k, j, i), padded with ``fill`` where it leaves the grid."""
+    shape = np.array(volume.array.shape)
+    out = np.full(tuple(int(v) for v in stop - start), fill, dtype=np.float32)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(stop, shape)
+    if np.all(src_hi > src_lo):
+        dst_lo = src_lo - start
+        dst_hi = dst_lo + (src_hi - src_lo)
+        out[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = volume.array[
+            src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]
+        ]
+    shift = np.eye(4)
+    shift[:3, 3] = start[::-1]  # (i, j, k) offset of the crop's first voxel
+    return Volume(out, volume.ijk_to_ras @ shift, dict(volume.meta))
+
+
+@dataclasses.dataclass
+class PatientWindows:
+    """One patient's prepared crop and the window centres (crop indices) covering the lesion."""
+
+    crop: Volume
+    centers: list
+    clinical: np.ndarray
+    label: int
+    patient_id: str
+    lesion_size_mm: float
+
+
+def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical: np.ndarray, label: int) -> PatientWindows:
+    from MMCAFNetLib import windows as win
+    from MMCAFNetLib.volume import read_volume
+
+    uid = row.get("series_uid") if hasattr(row, "get") else None
+    volume = read_volume(row["series_path"], series_uid=uid if isinstance(uid, str) and uid else None)
+    prepared = win.prepare_volume(volume, preset)
+    kmin, kmax = _box_in_grid(prepared, row)
+    centers = [tuple(int(v) for v in c) for c in win.window_centers_for_box(prepared, kmin, kmax, preset)]
+    if not centers:
+        centers = [tuple((np.array(kmin) + np.array(kmax)) // 2)]
+    cs = np.array(centers)
+    half = np.array(preset.window) // 2 + 1
+    margin = half + np.array(jitter)
+    start = cs.min(axis=0) - margin
+    stop = cs.max(axis=0) + margin + 1
+    crop = _crop(prepared, start, stop, fill=-1000.0)
+    local = [tuple(int(v) for v in (np.array(c) - start)) for c in centers]
+    return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row))
+
+
+def rotate_inplane(window: np.ndarray, degrees: float, fill: float) -> np.ndarray:
+    """Rotate every slice of [D, H, W] by ``degrees`` about the slice centre (bilinear, ``fill`` outside)."""
+    if not degrees:
+        return window
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=torch.float32)
+    x = torch.from_numpy(window - fill).unsqueeze(1)  # [D, 1, H, W]
+    grid = torch.nn.functional.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    y = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (y.squeeze(1).numpy() + fill).astype(np.float32)
+
+
+class LesionWindowDataset(Dataset):
+    """Windows around each patient's lesion; see the module docstring.
+
+    Items: ``{"image": [1, D, H, W] float32, "clinical": [F] float32, "label": int, "patient": str,
+    "index": int, "lesion_size_mm": float}``. Training items are keyed by the sampler's
+    ``(index, draw, epoch)``; evaluation items by a plain index (one per window).
+    """
+
+    def __init__(self, patients: list[PatientWindows], preset: Preset, train: bool, seed: int = 0,
+                 windows_per_patient: int = 1, jitter_slices: int = 2, rotate_degrees: float = 15.0,
+                 flip: bool = True, augment: bool = True):
+        self.patients = patients
+        self.preset = preset
+        self.train = train
+        self.seed = int(seed)
+        self.windows_per_patient = int(windows_per_patient)
+        self.jitter_slices = int(jitter_slices)
+        self.rotate_degrees = float(rotate_degrees)
+        self.flip = flip
+        self.augment = augment and train
+        self.epoch = 0
+        if train:
+            self.items = [(p, None) for p in range(len(patients)) for _ in range(self.windows_per_patient)]
+        else:
+            self.items = [(p, c) for p, pw in enumerate(patients) for c in range(len(pw.centers))]
+        self.labels = [patients[p].label for p, _ in self.items]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _window(self, pw: PatientWindows, center, rng: Optional[np.random.Generator]) -> np.ndarray:
+        from MMCAFNetLib import windows as win
+
+        center = np.array(center)
+        if rng is not None:
+            shift_inplane = np.array(self.preset.window[1:]) // 8
+            center = center + np.r_[
+                rng.integers(-self.jitter_slices, self.jitter_slices + 1),
+                rng.integers(-shift_inplane, shift_inplane + 1),
+            ]
+        array = np.asarray(win.cut_window(pw.crop, tuple(int(v) for v in center), self.preset).array, dtype=np.float32)
+        if rng is not None:
+            fill = float(self.preset.normalise(np.float32(-1000.0)))
+            if self.rotate_degrees:
+                array = rotate_inplane(array, float(rng.integers(-int(self.rotate_degrees), int(self.rotate_degrees) + 1)), fill)
+            if self.flip and rng.random() < 0.5:
+                array = array[:, :, ::-1].copy()
+        return array
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        if isinstance(key, (tuple, list)):
+            index, draw, epoch = (int(v) for v in key)
+        else:
+            index, draw, epoch = int(key), int(key), self.epoch
+        p, c = self.items[index]
+        pw = self.patients[p]
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, draw, index])
+            center = pw.centers[int(rng.integers(len(pw.centers)))]
+            array = self._window(pw, center, rng if self.augment else None)
+        else:
+            array = self._window(pw, pw.centers[c], None)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(array))[None],
+            "clinical": torch.from_numpy(pw.clinical),
+            "label": pw.label,
+            "patient": pw.patient_id,
+            "index": index,
+            "lesion_size_mm": pw.lesion_size_mm,
+        }
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "clinical": torch.stack([b["clinical"] for b in batch]),
+        "label": torch.tensor([b["label"] for b in batch], dtype=torch.long),
+        "patient": [b["patient"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
+        "lesion_size_mm": torch.tensor([b["lesion_size_mm"] for b in batch], dtype=torch.float64),
+    }
+
+
+def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
+                  progress: Optional[bool] = None, class_names: Optional[list[str]] = None) -> LesionWindowDataset:
+    """Prepare every patient of ``df`` (progress bar on request) and wrap them as a dataset."""
+    classes = list(class_names or config.class_names)
+    records = df[list(schema.field_names)].to_dict(orient="records")
+    clinical = schema.encode(records).astype(np.float32) if len(records) else np.zeros((0, schema.num_features), np.float32)
+    jitter = (config.jitter_slices, preset.window[1] // 8, preset.window[2] // 8) if train else (0, 0, 0)
+    rows = list(df.to_dict(orient="records"))
+    show = config.progress if progress is None else progress
+    iterator = rows
+    if show and rows:
+        from tqdm import tqdm
+
+        iterator = tqdm(rows, desc=f"prepare {'train' if train else 'eval'} CTs", leave=False, dynamic_ncols=True)
+    patients = [
+        prepare_patient(row, preset, jitter, clinical[i], classes.index(row["label"]))
+        for i, row in enumerate(iterator)
+    ]
+    return LesionWindowDataset(patients, preset, train, config.seed, config.windows_per_patient,
+                               config.jitter_slices, config.rotate_degrees, config.flip, config.augment)
+
+
+# ----------------------------------------------------------------------------- models
+def _image_encoder_settings(model_name: str, num_outputs: int, num_clinical: int, overrides: dict) -> dict:
+    """The image-encoder fields of ``model_name``'s configuration (with overrides applied)."""
+    from MMCAFNetLib.models import ImageEncoderConfig, model_config
+
+    full = model_config(model_name, num_classes=num_outputs, num_clinical=num_clinical, **overrides)
+    if not isinstance(full, ImageEncoderConfig):
+        raise ValueError(f"the paper recipe's stages 1 and 2 need a model with an image encoder; {model_name!r} has none")
+    names = {f.name for f in dataclasses.fields(ImageEncoderConfig)} - {"num_classes", "num_clinical"}
+    return {k: v for k, v in full.to_dict().items() if k in names}
+
+
+def model_identity(config: TrainConfig, num_clinical: int) -> tuple[str, dict]:
+    """(registry name, create_model keyword arguments) of the network this run trains.
+
+    Paper stages 1 and 2 train the image-only counterpart of ``config.model`` (its image encoder
+    with a linear head); stage 3 and the default recipe train ``config.model`` itself.
+    """
+    from MMCAFNetLib.train.recipes import paper_stage_image_only
+
+    overrides = dict(config.model_overrides)
+    if config.recipe == "paper" and paper_stage_image_only(config.stage):
+        settings = _image_encoder_settings(config.model, config.num_outputs, num_clinical, overrides)
+        return "image-only", {**settings, "num_classes": config.num_outputs, "num_clinical": num_clinical}
+    return config.model, {**overrides, "num_classes": config.num_outputs, "num_clinical": num_clinical}
+
+
+def build_model(name: str, kwargs: dict) -> torch.nn.Module:
+    from MMCAFNetLib.models import create_model
+
+    return create_model(name, **kwargs)
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, parts: Optional[list[str]] = None) -> dict[str, Any]:
+    """Copy the tensors of checkpoint ``path`` whose names and shapes match ``model`` (restricted to
+    the name prefixes ``parts`` when given). Returns what was copied, for the provenance."""
+    from MMCAFNetLib.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)
+    source = payload["state_dict"]
+    target = model.state_dict()
+    copied = {}
+    for k, v in source.items():
+        if parts and not any(k.startswith(p + ".") for p in parts):
+            continue
+        if k in target and tuple(target[k].shape) == tuple(v.shape):
+            copied[k] = v
+    if not copied:
+        raise ValueError(
+            f"--init {path}: none of its weights fit model {getattr(model, 'name', type(model).__name__)!r}"
+            + (f" in part(s) {parts}" if parts else "")
+        )
+    model.load_state_dict(copied, strict=False)
+    return {"checkpoint": str(path), "model_name": payload["model_name"], "tensors_copied": len(copied),
+            "parts": list(parts or [])}
