@@ -265,7 +265,9 @@ def add_model_from_file(
         raise FileNotFoundError(f"model file not found: {source}")
     folder = _models_dir(models_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(source):
+    if source.suffix.lower() == ".zip":  # (a .pt file is itself a zip: decide by name)
+        if not zipfile.is_zipfile(source):
+            raise CatalogError(f"{source.name} is not a readable zip archive")
         extracted = extract_archive(source, folder)
         checkpoints = [p for p in extracted if p.suffix in CHECKPOINT_SUFFIXES]
         if len(checkpoints) != 1:

@@ -1,0 +1,196 @@
+"""MMCAFNetLib.model_catalog: the bundled catalog, user models, safe archives, checked downloads."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from MMCAFNetLib import checkpoint as ck
+from MMCAFNetLib import model_catalog as mc
+from MMCAFNetLib.resources import resources_dir
+
+
+class NotWeights:
+    """Any pickled class: loading it would run code, so weights_only refuses it."""
+
+
+def write_checkpoint(path: Path, demo: bool = False) -> Path:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(7, 2)
+    payload = {
+        "format_version": ck.FORMAT_VERSION, "model_name": "tabular-mlp", "model_config": {}, "class_names": ["A", "G"],
+        "task": "AG", "state_dict": layer.state_dict(),
+        "schema": {"fields": [{"name": "sex"}, {"name": "age"}]}, "preset": {"name": "default"}, "threshold": 0.5,
+        "provenance": {"library_version": "0.1.0"}, "metrics": {}, "demo": demo,
+    }
+    return ck.save_checkpoint(payload, path)
+
+
+def entry_for(path: Path, url: str) -> mc.ModelEntry:
+    return mc.parse_entry({
+        "id": "remote-model", "title": "Remote", "version": "1.0", "url": url, "sha256": mc.sha256_file(path),
+        "classes": ["A", "G"], "schema": ["sex", "age"], "licence": "CC-BY-4.0", "demo": False,
+    })
+
+
+def test_bundled_catalog_is_valid_and_names_a_demo_model():
+    entries = mc.load_catalog()
+    assert entries, "Resources/Models.json lists no model"
+    demo = [e for e in entries if e.demo and e.file]
+    assert demo, "the catalog must bundle a demo model so the module works offline"
+    for e in entries:
+        assert e.licence and e.classes and e.schema
+    raw = json.loads((resources_dir() / "Models.json").read_text())
+    assert [m["id"] for m in raw["models"]] == [e.id for e in entries]
+
+
+def test_bundled_files_match_their_sha256():
+    checked = 0
+    for e in mc.load_catalog():
+        if e.file is None:
+            continue
+        path = resources_dir() / e.file
+        if not path.is_file():
+            continue
+        mc.verify_file(e, path)  # run mc.refresh_bundled_checksums() after rebuilding a bundled model
+        checked += 1
+    if not checked:
+        pytest.skip("no bundled model file is present yet (Resources/Models/*.pt)")
+
+
+def test_bundled_demo_checkpoint_agrees_with_its_catalog_entry():
+    for e in mc.load_catalog():
+        if e.file and (resources_dir() / e.file).is_file():
+            facts = mc._describe_checkpoint(resources_dir() / e.file)
+            assert facts["classes"] == e.classes and facts["demo"] == e.demo
+            return
+    pytest.skip("no bundled model file is present yet")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sha256": "abc"}, "sha256"),
+        ({"url": "https://example.org/m.pt"}, "exactly one"),
+        ({"id": "../x"}, "model id"),
+        ({"classes": []}, "classes"),
+    ],
+)
+def test_bad_catalog_entries_are_refused(change, message):
+    good = {
+        "id": "m", "title": "M", "version": "1", "file": "Models/m.pt", "sha256": "0" * 64, "classes": ["A"],
+        "schema": [], "licence": "x", "demo": False,
+    }
+    with pytest.raises(mc.CatalogError, match=message):
+        mc.parse_entry({**good, **change})
+    missing = dict(good)
+    del missing["licence"]
+    with pytest.raises(mc.CatalogError, match="lacks"):
+        mc.parse_entry(missing)
+
+
+def test_add_model_from_file_lists_it_and_clear_removes_it(tmp_path):
+    source = write_checkpoint(tmp_path / "src" / "my-model.pt", demo=False)
+    models = tmp_path / "models"
+    entry = mc.add_model_from_file(source, models)
+    assert entry.source == "user" and Path(entry.file).parent == models
+    assert entry.classes == ["A", "G"] and entry.schema == ["sex", "age"] and not entry.demo
+    assert entry.sha256 == mc.sha256_file(source)
+    listed = mc.list_models(models_dir=models)
+    assert listed[-1].file == entry.file and any(e.source == "catalog" for e in listed)
+    assert mc.model_path(entry, models) == Path(entry.file)
+    assert mc.clear_models_folder(models) == 2  # checkpoint + its description
+    assert mc.user_models(models) == []
+
+
+def test_files_holding_pickled_code_are_refused_before_copying(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "x": NotWeights()}, evil)
+    models = tmp_path / "models"
+    with pytest.raises(ck.CheckpointError, match="cannot be loaded safely"):
+        mc.add_model_from_file(evil, models)
+    assert not (models / "evil.pt").exists()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    with pytest.raises(mc.CatalogError, match="checkpoint"):
+        mc.add_model_from_file(text, models)
+
+
+def test_archives_are_extracted_only_inside_the_models_folder(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.pt")
+    models = tmp_path / "models"
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as zf:
+        zf.write(ckpt, "inner/m.pt")
+    entry = mc.add_model_from_file(good, models)
+    assert Path(entry.file) == models / "inner" / "m.pt"
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.write(ckpt, "../escaped.pt")
+    with pytest.raises(mc.CatalogError, match="outside the models folder"):
+        mc.add_model_from_file(evil, models)
+    assert not (tmp_path / "escaped.pt").exists()
+    absolute = tmp_path / "absolute.zip"
+    with zipfile.ZipFile(absolute, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("/abs.pt"), ckpt.read_bytes())
+    with pytest.raises(mc.CatalogError):
+        mc.extract_archive(absolute, models)
+
+
+@pytest.fixture
+def local_http(tmp_path):
+    """A real HTTP server on the loopback interface serving tmp_path/www."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_is_checked_against_sha256_and_plain_http_needs_consent(tmp_path, local_http):
+    root, base = local_http
+    served = write_checkpoint(root / "model.pt")
+    entry = entry_for(served, f"{base}/model.pt")
+    models = tmp_path / "models"
+    with pytest.raises(FileNotFoundError, match="not downloaded yet"):
+        mc.model_path(entry, models)
+    with pytest.raises(mc.CatalogError, match="plain http"):
+        mc.download_model(entry, models)
+    assert not models.exists() or not any(models.iterdir())
+    seen = []
+    path = mc.download_model(entry, models, allow_http=True, progress=lambda d, t: seen.append((d, t)))
+    assert mc.sha256_file(path) == entry.sha256 and seen[-1][0] == served.stat().st_size
+    assert mc.model_path(entry, models) == path
+
+    tampered = mc.ModelEntry(**{**entry.__dict__, "id": "tampered", "sha256": "1" * 64})
+    with pytest.raises(mc.CatalogError, match="does not match"):
+        mc.download_model(tampered, models, allow_http=True)
+    assert not mc.downloaded_path(tampered, models).exists()
+    assert not [p for p in models.iterdir() if p.name.endswith(".part")]
+
+
+def test_refresh_bundled_checksums_writes_the_real_digest(tmp_path, monkeypatch):
+    res = tmp_path / "Resources"
+    (res / "Models").mkdir(parents=True)
+    ckpt = write_checkpoint(res / "Models" / "x.pt")
+    catalog = res / "Models.json"
+    catalog.write_text(json.dumps({"format_version": 1, "models": [{
+        "id": "x", "title": "X", "version": "1", "file": "Models/x.pt", "sha256": "0" * 64, "classes": ["A", "G"],
+        "schema": [], "licence": "x", "demo": True}]}))
+    monkeypatch.setenv("MMCAFNET_RESOURCES", str(res))
+    assert mc.refresh_bundled_checksums(catalog) == ["x"]
+    entry = mc.load_catalog(catalog)[0]
+    mc.verify_file(entry, ckpt)
