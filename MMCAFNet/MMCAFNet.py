@@ -279,7 +279,7 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- clinical form ----------------------------------------------------------------------------
     def buildClinicalForm(self, fieldNames) -> None:
         """One row per schema field; every field can stay 'unknown' (imputed by the model)."""
-        layout = self.ui.clinicalFormLayout
+        layout = self.ui.clinicalFormWidget.layout()
         while layout.count():
             item = layout.takeAt(0)
             if item.widget():
