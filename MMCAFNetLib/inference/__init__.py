@@ -1,0 +1,34 @@
+"""Inference: the Predictor (CT + clinical record -> Classification) and the files it writes.
+
+``Predictor.load(path, device="auto")`` then ``predictor.classify(volume, record, lesion=...)``;
+``write_outputs`` turns a Classification into prediction.json, heatmap.nrrd, labelmap.nrrd and
+preview.png, atomically.
+"""
+
+from __future__ import annotations
+
+from .outputs import OUTPUT_FILES, prediction_dict, write_outputs
+from .predictor import (
+    HEATMAP_METHODS,
+    InputError,
+    Predictor,
+    class_label,
+    class_label_value,
+    lesion_box_ras,
+    resolve_device,
+    validate_ct,
+)
+
+__all__ = [
+    "HEATMAP_METHODS",
+    "OUTPUT_FILES",
+    "InputError",
+    "Predictor",
+    "class_label",
+    "class_label_value",
+    "lesion_box_ras",
+    "prediction_dict",
+    "resolve_device",
+    "validate_ct",
+    "write_outputs",
+]

@@ -1,0 +1,151 @@
+"""The files a classification leaves behind: prediction.json, heatmap.nrrd, labelmap.nrrd, preview.png.
+
+Everything is written into a temporary folder next to the destination and moved into place only
+when every file is complete, so a failure (bad input, full disk, Ctrl-C) leaves nothing
+half-written: a new folder appears whole or not at all; in an existing folder the finished files
+replace the old ones one by one (each ``os.replace`` is atomic).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from MMCAFNetLib.results import Classification
+from MMCAFNetLib.volume import Volume
+
+OUTPUT_FILES = ("prediction.json", "heatmap.nrrd", "labelmap.nrrd", "preview.png")
+
+DEMO_NOTE = (
+    "DEMO MODEL: trained on synthetic phantoms only. Its output says nothing about real patients; "
+    "not for clinical use."
+)
+RESEARCH_NOTE = "Research software: not a medical device, not for clinical use."
+
+
+def prediction_dict(
+    result: Classification,
+    *,
+    input_path: Optional[str] = None,
+    case_id: Optional[str] = None,
+    record: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """The JSON-ready summary of one classification (what prediction.json holds)."""
+    from MMCAFNetLib import __version__
+
+    demo = bool(result.model.get("demo"))
+    return {
+        "case_id": case_id,
+        "input": input_path,
+        "predicted_class": result.predicted_class,
+        "predicted_label": result.predicted_label,
+        "probability": round(result.probability, 6),
+        "probabilities": {c: round(float(p), 6) for c, p in zip(result.class_names, result.probabilities)},
+        "class_names": list(result.class_names),
+        "class_labels": list(result.class_labels),
+        "decision_threshold": result.model.get("decision_threshold"),
+        "heatmap_method": result.model.get("heatmap"),
+        "heatmap_threshold": float(result.threshold),
+        "label_value": int(result.label_value),
+        "lesion_box_ras": result.model.get("lesion_box_ras"),
+        "clinical_record": _plain(record) if record is not None else None,
+        "windows": [
+            {
+                "center_ras": [round(float(v), 3) for v in w.center_ras],
+                "box_ras": [[round(float(v), 3) for v in corner] for corner in w.box_ras],
+                "probabilities": [round(float(p), 6) for p in w.probabilities],
+            }
+            for w in result.windows
+        ],
+        "timings": {k: round(float(v), 4) for k, v in result.timings.items()},
+        "model": _plain(result.model),
+        "warnings": list(result.warnings),
+        "note": DEMO_NOTE if demo else RESEARCH_NOTE,
+        "library_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Make numpy scalars/arrays and paths JSON-serialisable."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_outputs(
+    result: Classification,
+    ct: Volume,
+    out_dir: str | os.PathLike,
+    *,
+    input_path: Optional[str] = None,
+    case_id: Optional[str] = None,
+    record: Optional[dict[str, Any]] = None,
+    preview: bool = True,
+) -> dict[str, Path]:
+    """Write the four files for one case into ``out_dir``; returns {file name: final path}.
+
+    heatmap.nrrd and labelmap.nrrd carry the input CT's exact geometry; without a heatmap they are
+    not written (and neither is an older copy left behind in ``out_dir``).
+    """
+    from MMCAFNetLib.preview import render_preview
+    from MMCAFNetLib.volume import write_volume
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the results")
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+    try:
+        info = prediction_dict(result, input_path=input_path, case_id=case_id, record=record)
+        with open(tmp / "prediction.json", "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2)
+            fh.write("\n")
+        if result.heatmap is not None:
+            write_volume(result.heatmap, tmp / "heatmap.nrrd")
+        if result.labelmap is not None:
+            write_volume(result.labelmap, tmp / "labelmap.nrrd")
+        if preview:
+            title = f"{result.predicted_label} ({result.predicted_class})  p = {result.probability:.2f}"
+            if result.model.get("demo"):
+                title += "   DEMO model, synthetic data, not for clinical use"
+            box = result.model.get("lesion_box_ras")
+            render_preview(ct, tmp / "preview.png", heatmap=result.heatmap, lesion_box_ras=box, title=title)
+        written = sorted(p.name for p in tmp.iterdir())
+        return _publish(tmp, out_dir, written)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
+    """Move the finished files into place: a whole-folder rename when ``out_dir`` is new or empty."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+    else:
+        for name in names:
+            os.replace(tmp / name, out_dir / name)
+        for stale in OUTPUT_FILES:  # an older run's heatmap must not outlive a run without one
+            if stale not in names and (out_dir / stale).is_file():
+                (out_dir / stale).unlink()
+    return {name: out_dir / name for name in names}

@@ -1,0 +1,516 @@
+"""The Predictor: a CT and a clinical record in; class probabilities, a heatmap and a labelmap out.
+
+The model is loaded once (``Predictor.load``) and reused across calls. ``classify`` never touches
+MRML and keeps no state between calls except the model, so Slicer can run it on a worker thread.
+
+Windows: with a lesion (RAS point, RAS box, or a mask volume's bounding box) the windows that
+cover the lesion's whole extent; without one, sliding windows over the body (windows of air only
+are skipped). The case's probabilities are the per-class maximum over windows (the paper's
+patient score is the max over its windows); for more than two classes the maxima are renormalised
+to sum to one. Binary models give ``[1 - p, p]`` and decide the class with the checkpoint's
+validation threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from MMCAFNetLib import checkpoint as ckpt
+from MMCAFNetLib import heatmap as hm
+from MMCAFNetLib.preset import Preset, get_preset
+from MMCAFNetLib.results import CLASS_LABELS, Cancelled, Classification, WindowResult
+from MMCAFNetLib.volume import Volume
+
+ProgressCallback = Callable[[int, int], None]
+Lesion = Union[None, Sequence[float], np.ndarray, Volume]
+
+HEATMAP_METHODS = ("attention", "gradcam")
+
+#: HU above which a voxel counts as body (lung parenchyma is about -850, air -1000).
+BODY_HU = -900.0
+#: A sliding window with fewer body voxels than this fraction is air only and is skipped.
+MIN_BODY_FRACTION = 0.002
+
+
+class InputError(ValueError):
+    """The CT, the lesion or the options cannot be classified; the message says what to change."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU (Apple MPS is not used: 3D ops are incomplete there)."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but no CUDA device is available; use --device cpu or auto")
+    if name.startswith("mps"):
+        raise InputError("the MPS device is not supported (incomplete 3D operations); use cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Predictor:
+    """A loaded checkpoint, ready to classify CTs. Build with :meth:`load`."""
+
+    def __init__(self, payload: dict[str, Any], model: torch.nn.Module, device: torch.device, source: str = "") -> None:
+        from MMCAFNetLib.ehr import ClinicalSchema
+
+        self.payload = {k: v for k, v in payload.items() if k != "state_dict"}
+        self.model = model
+        self.device = device
+        self.source = source
+        self.schema = ClinicalSchema.from_dict(payload["schema"])
+        self.class_names: list[str] = [str(c) for c in payload["class_names"]]
+        self.preset: Preset = get_preset(payload["preset"])
+        self.decision_threshold = float(payload.get("threshold", 0.5))
+        self.is_demo = bool(payload.get("demo", False))
+        self.binary = len(self.class_names) == 2 and _num_outputs(model, payload) == 1
+        self._lock = threading.Lock()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Predictor:
+        """Read a checkpoint (``weights_only=True``: it cannot run code) and build its model in eval mode."""
+        from MMCAFNetLib.models import create_model
+
+        dev = resolve_device(device)
+        payload = ckpt.load_checkpoint(path, map_location="cpu")
+        config = dict(payload.get("model_config") or {})
+        class_names = list(payload["class_names"])
+        if len(class_names) < 2:
+            raise ckpt.CheckpointError(f"{path}: the checkpoint names {len(class_names)} class(es); at least 2 are needed")
+        config.setdefault("num_classes", 1 if len(class_names) == 2 else len(class_names))
+        if "num_clinical" not in config:
+            from MMCAFNetLib.ehr import ClinicalSchema
+
+            config["num_clinical"] = ClinicalSchema.from_dict(payload["schema"]).num_features
+        try:
+            model = create_model(payload["model_name"], **config)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ckpt.CheckpointError(
+                f"{path}: cannot build model {payload['model_name']!r} with config {config}: {exc}. "
+                "The checkpoint may come from a newer MMCAFNetLib; update it."
+            ) from None
+        try:
+            model.load_state_dict(payload["state_dict"], strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ckpt.CheckpointError(f"{path}: the weights do not fit model {payload['model_name']!r} ({first})") from None
+        model.eval().to(dev)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        predictor = cls(payload, model, dev, source=str(path))
+        predictor.payload["sha256"] = file_sha256(path)
+        return predictor
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def info(self) -> dict[str, Any]:
+        """Plain data describing the model (for the GUI, prediction.json and ``mmcafnet info``)."""
+        prov = dict(self.payload.get("provenance") or {})
+        sha = self.payload.get("sha256", "")
+        return {
+            "model_name": self.payload["model_name"],
+            "model_id": f"{self.payload['model_name']}@{sha[:12]}" if sha else self.payload["model_name"],
+            "checkpoint": self.source,
+            "sha256": sha,
+            "format_version": self.payload["format_version"],
+            "library_version": prov.get("library_version"),
+            "task": self.payload.get("task"),
+            "class_names": list(self.class_names),
+            "class_labels": [class_label(c) for c in self.class_names],
+            "decision_threshold": self.decision_threshold,
+            "clinical_fields": list(self.schema.field_names),
+            "preset": self.preset.to_dict(),
+            "provenance": prov,
+            "metrics": dict(self.payload.get("metrics") or {}),
+            "demo": self.is_demo,
+            "device": str(self.device),
+        }
+
+    # -- classification -------------------------------------------------------------------------
+    def classify(
+        self,
+        volume: Volume,
+        record: Optional[dict[str, Any]] = None,
+        lesion: Lesion = None,
+        heatmap: Optional[str] = "attention",
+        threshold: float = 0.5,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[threading.Event] = None,
+        batch_size: Optional[int] = None,
+    ) -> Classification:
+        """Classify one CT. ``threshold`` is the heatmap level from which the labelmap is drawn.
+
+        Raises :class:`InputError` (a ValueError) for unusable input and ``results.Cancelled`` when
+        ``cancel`` is set (checked between batches); a cancelled call returns nothing.
+        """
+        with self._lock:
+            return self._classify(volume, record, lesion, heatmap, threshold, progress, cancel, batch_size)
+
+    def _classify(self, volume, record, lesion, heatmap, threshold, progress, cancel, batch_size) -> Classification:
+        win = _windows_module()
+
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        if heatmap is not None and heatmap not in HEATMAP_METHODS:
+            raise InputError(f"unknown heatmap method {heatmap!r}; use one of {HEATMAP_METHODS} or None")
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise InputError(f"the heatmap threshold must lie in 0..1, got {threshold}")
+        warnings = validate_ct(volume)
+        clinical, clinical_warnings = self._encode_record(record)
+        warnings += clinical_warnings
+        box_ras = lesion_box_ras(volume, lesion)
+
+        t = time.perf_counter()
+        prepared = win.prepare_volume(volume, self.preset)
+        timings["prepare_s"] = time.perf_counter() - t
+
+        if box_ras is not None:
+            kji_min, kji_max = _box_to_prepared_kji(prepared, box_ras)
+            centers = list(win.window_centers_for_box(prepared, kji_min, kji_max, self.preset))
+        else:
+            centers = [
+                c for c in win.sliding_window_centers(prepared, self.preset)
+                if _has_body(win.cut_window(prepared, c, self.preset).array, self.preset)
+            ]
+            if not centers:
+                raise InputError("no window of the CT contains body tissue (all air); check the image")
+        total = len(centers)
+        bs = int(batch_size) if batch_size else (8 if self.device.type == "cuda" else 2)
+        if bs < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+
+        probs_all: list[np.ndarray] = []
+        maps_all: list[np.ndarray] = []
+        window_geoms: list[tuple[np.ndarray, tuple[int, int, int]]] = []
+        t = time.perf_counter()
+        done = 0
+        for b0 in range(0, total, bs):
+            _check_cancel(cancel)
+            cut = [win.cut_window(prepared, c, self.preset) for c in centers[b0 : b0 + bs]]
+            image = torch.from_numpy(np.stack([w.array for w in cut]).astype(np.float32, copy=False))[:, None]
+            clin = torch.from_numpy(np.repeat(clinical, len(cut), axis=0))
+            probs, maps = self._run_batch(image, clin, heatmap)
+            probs_all.append(probs)
+            if maps is not None:
+                maps_all.extend(maps)
+            window_geoms.extend((np.asarray(w.ijk_to_ras, dtype=np.float64), tuple(w.array.shape)) for w in cut)
+            done += len(cut)
+            if progress is not None:
+                progress(done, total)
+        _check_cancel(cancel)
+        timings["inference_s"] = time.perf_counter() - t
+
+        window_probs = np.concatenate(probs_all, axis=0)  # [N, C]
+        case_probs = aggregate_window_probabilities(window_probs, self.binary)
+        if self.binary:
+            predicted = int(case_probs[1] >= self.decision_threshold)
+        else:
+            predicted = int(np.argmax(case_probs))
+        label_value = class_label_value(self.class_names[predicted], predicted)
+
+        windows = [
+            WindowResult(center_ras=tuple(float(v) for v in _window_center_ras(a, s)),  # type: ignore[arg-type]
+                         box_ras=_window_box_ras(a, s), probabilities=[float(p) for p in wp])
+            for (a, s), wp in zip(window_geoms, window_probs)
+        ]
+
+        heat_vol = label_vol = None
+        if heatmap is not None:
+            t = time.perf_counter()
+            canvas = hm.WindowCanvas(prepared.shape, prepared.ijk_to_ras)
+            for (aff, shape), small, wp in zip(window_geoms, maps_all, window_probs):
+                m = small[predicted] if small.ndim == 4 else small
+                canvas.add(hm.upsample_map(m, shape) * float(wp[predicted]), aff)
+            _check_cancel(cancel)
+            heat_vol = hm.heatmap_volume(canvas, volume)
+            heat_vol.meta.update(method=heatmap, predicted_class=self.class_names[predicted])
+            label_vol = hm.labelmap_volume(heat_vol, label_value, float(threshold))
+            timings["heatmap_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t_start
+
+        info = self.info
+        return Classification(
+            class_names=list(self.class_names),
+            class_labels=[class_label(c) for c in self.class_names],
+            probabilities=case_probs.astype(np.float64),
+            predicted_index=predicted,
+            threshold=float(threshold),
+            windows=windows,
+            heatmap=heat_vol,
+            labelmap=label_vol,
+            label_value=label_value,
+            timings=timings,
+            model={
+                **{k: info[k] for k in ("model_name", "model_id", "sha256", "library_version", "task",
+                                        "decision_threshold", "demo", "device", "checkpoint")},
+                "heatmap": heatmap,
+                "lesion_box_ras": None if box_ras is None else [[float(v) for v in b] for b in box_ras],
+            },
+            warnings=warnings,
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+    def _encode_record(self, record: Optional[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
+        warnings: list[str] = []
+        record = dict(record or {})
+        canonical = self.schema.validate_record(record)
+        unknown = [k for k, v in canonical.items() if v is None]
+        if unknown:
+            warnings.append(
+                f"clinical value(s) not given: {', '.join(unknown)}; imputed from the training data"
+            )
+        return np.asarray(self.schema.encode(record), dtype=np.float32).reshape(1, -1), warnings
+
+    def _forward(self, image: torch.Tensor, clinical: torch.Tensor):
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(image, clinical)
+        return self.model(image, clinical)
+
+    def _probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        logits = logits.float()
+        if self.binary:
+            p = torch.sigmoid(logits[:, 0])
+            return torch.stack([1.0 - p, p], dim=1).cpu().numpy()
+        return torch.softmax(logits, dim=1).cpu().numpy()
+
+    def _run_batch(self, image: torch.Tensor, clinical: torch.Tensor, heatmap: Optional[str]):
+        """-> (probabilities [B, C], per-window low-res maps or None).
+
+        Attention maps are ``[d, h, w]``; Grad-CAM maps are ``[C, d, h, w]`` (one per class, the
+        predicted class being known only after every window has been seen).
+        """
+        image = image.to(self.device, non_blocking=True)
+        clinical = clinical.to(self.device, non_blocking=True)
+        if heatmap != "gradcam":
+            with torch.inference_mode():
+                out = self._forward(image, clinical)
+                probs = self._probabilities(out.logits)
+                if heatmap is None:
+                    return probs, None
+                maps = hm.combine_attention_levels(list(out.attention)).cpu().numpy()
+            return probs, list(maps)
+        with torch.enable_grad():
+            image = image.detach().requires_grad_(True)
+            out = self._forward(image, clinical)
+            feats = out.features
+            if feats is None:
+                raise InputError("this model exposes no feature map for Grad-CAM; use heatmap='attention'")
+            logits = out.logits.float()
+            scores = [logits[:, 0]] if self.binary else [logits[:, c] for c in range(logits.shape[1])]
+            cams = []
+            for i, s in enumerate(scores):
+                (grad,) = torch.autograd.grad(s.sum(), feats, retain_graph=i < len(scores) - 1)
+                cams.append(grad)
+            with torch.no_grad():
+                if self.binary:
+                    per_class = [hm.gradcam_from_gradients(feats, -cams[0]), hm.gradcam_from_gradients(feats, cams[0])]
+                else:
+                    per_class = [hm.gradcam_from_gradients(feats, g) for g in cams]
+                stacked = torch.stack(per_class, dim=1).cpu().numpy()  # [B, C, d, h, w]
+                probs = self._probabilities(logits.detach())
+        return probs, list(stacked)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and geometry helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_ct(volume: Volume) -> list[str]:
+    """Refuse what cannot be classified (raise InputError); return warnings for what looks odd."""
+    from MMCAFNetLib.volume import check_ct
+
+    if not isinstance(volume, Volume):
+        raise InputError(f"expected a MMCAFNetLib.volume.Volume, got {type(volume).__name__}")
+    arr = volume.array
+    if arr.ndim != 3:
+        raise InputError(
+            f"the image has {arr.ndim} dimensions (shape {arr.shape}); a 3D CT volume is needed "
+            "(not a 2D slice, not a 4D series)"
+        )
+    if min(arr.shape) < 2:
+        raise InputError(
+            f"the image has shape {arr.shape} (K, J, I): a single 2D slice, not a 3D CT. Load the whole series."
+        )
+    if arr.dtype.kind == "f":
+        n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if n_bad:
+            raise InputError(
+                f"the CT has {n_bad} NaN or infinite voxel(s); fill them (e.g. with -1000 HU) and try again"
+            )
+    warnings = [w for w in check_ct(volume) if "NaN" not in w]
+    if float(arr.max()) <= BODY_HU:
+        raise InputError(
+            f"the CT is all air (highest value {float(arr.max()):g} HU): there is no body to classify. "
+            "Check that the right series was loaded and that values are in Hounsfield units."
+        )
+    return warnings
+
+
+def aggregate_window_probabilities(window_probs: np.ndarray, binary: bool) -> np.ndarray:
+    """Case probabilities from per-window ones ``[N, C]``: the maximum over windows, as the paper.
+
+    Binary: ``p = max_w p_w`` of the positive class, returned as ``[1 - p, p]``. More classes: each
+    class's maximum over windows, renormalised to sum to one.
+    """
+    window_probs = np.asarray(window_probs, dtype=np.float64)
+    if binary:
+        p = float(window_probs[:, 1].max())
+        return np.array([1.0 - p, p])
+    best = window_probs.max(axis=0)
+    return best / best.sum()
+
+
+def _windows_module():
+    """``MMCAFNetLib.windows``, or the minimal stand-in while that module is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module("MMCAFNetLib.windows")
+    except ModuleNotFoundError as exc:
+        if exc.name != "MMCAFNetLib.windows":
+            raise
+        return importlib.import_module("MMCAFNetLib.inference.windows_fallback")
+
+
+def _check_cancel(cancel: Optional[threading.Event]) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("classification cancelled")
+
+
+def _has_body(window_array: np.ndarray, preset: Preset) -> bool:
+    body_level = float(preset.normalise(np.float32(BODY_HU)))
+    return float(np.mean(window_array > body_level)) >= MIN_BODY_FRACTION
+
+
+def lesion_box_ras(volume: Volume, lesion: Lesion) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The lesion as a RAS box (min corner, max corner), or None to scan the whole CT.
+
+    Accepts a RAS point (3,), a RAS box ((3,), (3,)) whose corners may come in any order, or a mask
+    Volume (its non-zero voxels' bounding box). Refuses what lies outside the CT.
+    """
+    if lesion is None:
+        return None
+    if isinstance(lesion, Volume):
+        mask = lesion.array
+        nz = np.argwhere(mask != 0)
+        if nz.size == 0:
+            raise InputError("the lesion mask is empty; draw the lesion or pass a point instead")
+        kmin, kmax = nz.min(axis=0), nz.max(axis=0)
+        corners_ijk = np.array(
+            [[i, j, k] for i in (kmin[2], kmax[2]) for j in (kmin[1], kmax[1]) for k in (kmin[0], kmax[0])], dtype=float
+        )
+        ras = lesion.ijk_to_ras_points(corners_ijk)
+        lo, hi = ras.min(axis=0), ras.max(axis=0)
+    else:
+        arr = np.asarray(lesion, dtype=np.float64)
+        if arr.shape == (3,):
+            if not np.all(np.isfinite(arr)):
+                raise InputError(f"the lesion point {arr.tolist()} is not finite")
+            if not volume.contains_ras(arr):
+                raise InputError(
+                    f"the lesion point RAS {_fmt(arr)} lies outside the CT (which spans RAS "
+                    f"{_fmt(_extent(volume)[0])} to {_fmt(_extent(volume)[1])}); "
+                    "check the coordinates and whether they are RAS or LPS"
+                )
+            return arr.copy(), arr.copy()
+        if arr.shape != (2, 3):
+            raise InputError(
+                f"a lesion must be a RAS point (3 numbers), a RAS box (2 x 3 numbers) or a mask volume; got shape {arr.shape}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise InputError("the lesion box has non-finite coordinates")
+        lo, hi = arr.min(axis=0), arr.max(axis=0)
+    ext_lo, ext_hi = _extent(volume)
+    if np.any(hi < ext_lo) or np.any(lo > ext_hi):
+        raise InputError(
+            f"the lesion box RAS {_fmt(lo)} to {_fmt(hi)} lies outside the CT (RAS {_fmt(ext_lo)} to "
+            f"{_fmt(ext_hi)}); check the coordinates and whether they are RAS or LPS"
+        )
+    return lo, hi
+
+
+def _fmt(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(x):.1f}" for x in v) + ")"
+
+
+def _extent(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned RAS bounds of the CT's voxel centres."""
+    n = np.array(volume.shape[::-1]) - 1
+    corners = np.array([[i, j, k] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])], dtype=float)
+    ras = volume.ijk_to_ras_points(corners)
+    return ras.min(axis=0), ras.max(axis=0)
+
+
+def _box_to_prepared_kji(prepared: Volume, box_ras: tuple[np.ndarray, np.ndarray]) -> tuple[tuple, tuple]:
+    lo, hi = box_ras
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    ijk = prepared.ras_to_ijk_points(corners)
+    upper = np.array(prepared.shape[::-1]) - 1
+    ijk_lo = np.clip(np.floor(ijk.min(axis=0) + 1e-6), 0, upper).astype(int)
+    ijk_hi = np.clip(np.ceil(ijk.max(axis=0) - 1e-6), 0, upper).astype(int)
+    ijk_hi = np.maximum(ijk_hi, ijk_lo)
+    return tuple(int(v) for v in ijk_lo[::-1]), tuple(int(v) for v in ijk_hi[::-1])
+
+
+def _window_corners(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]) -> np.ndarray:
+    n = np.array(shape_kji[::-1], dtype=float) - 0.5
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0]) for j in (-0.5, n[1]) for k in (-0.5, n[2])])
+    return (corners @ ijk_to_ras.T)[:, :3]
+
+
+def _window_box_ras(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]):
+    c = _window_corners(ijk_to_ras, shape_kji)
+    return tuple(float(v) for v in c.min(axis=0)), tuple(float(v) for v in c.max(axis=0))
+
+
+def _window_center_ras(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]) -> np.ndarray:
+    centre = (np.array(shape_kji[::-1], dtype=float) - 1) / 2.0
+    return (ijk_to_ras @ np.r_[centre, 1.0])[:3]
+
+
+def _num_outputs(model: torch.nn.Module, payload: dict[str, Any]) -> int:
+    config = payload.get("model_config") or {}
+    if "num_classes" in config:
+        return int(config["num_classes"])
+    return 1 if len(payload["class_names"]) == 2 else len(payload["class_names"])
+
+
+def class_label(name: str) -> str:
+    """Display name of a class letter (``A`` -> ``Adenocarcinoma``); unknown names as given."""
+    entry = CLASS_LABELS.get(str(name))
+    return entry[1] if entry else str(name)
+
+
+def class_label_value(name: str, index: int) -> int:
+    """Labelmap value of a class: the colour table's value for a known letter, else index + 1."""
+    entry = CLASS_LABELS.get(str(name))
+    return int(entry[0]) if entry else int(index) + 1
+
+
+def load_predictor(path: str | os.PathLike, device: str = "auto") -> Predictor:
+    """Shorthand for :meth:`Predictor.load` (the path may be a ``Path`` or a string)."""
+    return Predictor.load(Path(path), device=device)

@@ -1,0 +1,147 @@
+"""preview.png: axial, coronal and sagittal CT slices through the heatmap peak, with the overlay.
+
+The volume is shown in the patient frame: its axes are permuted and flipped to the nearest RAS
+axes (oblique grids are shown on their nearest axes, which is enough for a preview), axial and
+coronal views in the radiological convention (patient's right on the image's left). matplotlib is
+imported only here, lazily, with the Agg backend, so the library stays usable without it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from MMCAFNetLib.volume import Volume
+
+CT_WINDOW = (-1200.0, 400.0)  # HU shown from black to white: lung and soft tissue
+
+
+def _nearest_ras_frame(volume: Volume) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """For R, A, S: the array axis (0=K, 1=J, 2=I) running closest to it, and whether it runs backwards."""
+    d = volume.directions  # columns: i, j, k directions in RAS
+    used: set[int] = set()
+    axes, flips = [], []
+    for ras in range(3):
+        order = np.argsort(-np.abs(d[ras]))
+        col = next(int(c) for c in order if int(c) not in used)
+        used.add(col)
+        axes.append(2 - col)  # ijk column -> array axis (K, J, I order)
+        flips.append(bool(d[ras, col] < 0))
+    return tuple(axes), tuple(flips)  # type: ignore[return-value]
+
+
+def to_ras_array(volume: Volume, array: Optional[np.ndarray] = None) -> np.ndarray:
+    """``array`` (default the volume's) reordered to [R, A, S] with every axis increasing."""
+    arr = volume.array if array is None else array
+    axes, flips = _nearest_ras_frame(volume)
+    out = np.transpose(arr, axes)
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=axis)
+    return out
+
+
+def _ras_index(volume: Volume, point_ras: Sequence[float]) -> np.ndarray:
+    """Voxel position of a RAS point in the reordered [R, A, S] array (continuous)."""
+    axes, flips = _nearest_ras_frame(volume)
+    ijk = volume.ras_to_ijk_points(np.asarray(point_ras, dtype=float))[0]
+    kji = ijk[::-1]
+    shape = volume.shape
+    out = np.empty(3)
+    for r in range(3):
+        v = kji[axes[r]]
+        out[r] = shape[axes[r]] - 1 - v if flips[r] else v
+    return out
+
+
+def render_preview(
+    ct: Volume,
+    path: str | os.PathLike,
+    heatmap: Optional[Volume] = None,
+    lesion_box_ras: Optional[Sequence[Sequence[float]]] = None,
+    title: str = "",
+    focus_ras: Optional[Sequence[float]] = None,
+) -> Path:
+    """Write a three-view PNG (atomically). Slices pass through ``focus_ras``, else the heatmap
+    peak, else the lesion box centre, else the volume centre."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    ct_ras = to_ras_array(ct).astype(np.float32, copy=False)
+    heat_ras = to_ras_array(heatmap) if heatmap is not None else None
+    spacing = ct.spacing  # along I, J, K
+    axes, _ = _nearest_ras_frame(ct)
+    sp_ras = np.array([spacing[2 - axes[r]] for r in range(3)])  # mm along R, A, S
+
+    if focus_ras is None and heatmap is not None and float(heatmap.array.max()) > 0:
+        k, j, i = np.unravel_index(int(np.argmax(heatmap.array)), heatmap.shape)
+        focus_ras = heatmap.ijk_to_ras_points([[i, j, k]])[0]
+    if focus_ras is None and lesion_box_ras is not None:
+        focus_ras = (np.asarray(lesion_box_ras[0], float) + np.asarray(lesion_box_ras[1], float)) / 2
+    if focus_ras is None:
+        centre = (np.array(ct.shape[::-1], float) - 1) / 2
+        focus_ras = ct.ijk_to_ras_points([centre])[0]
+    focus = np.clip(np.round(_ras_index(ct, focus_ras)).astype(int), 0, np.array(ct_ras.shape) - 1)
+
+    box_idx = None
+    if lesion_box_ras is not None:
+        lo, hi = np.asarray(lesion_box_ras[0], float), np.asarray(lesion_box_ras[1], float)
+        corners = [_ras_index(ct, [x, y, z]) for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+        box_idx = (np.min(corners, axis=0), np.max(corners, axis=0))
+
+    # (name, slicing, horizontal RAS axis, vertical RAS axis, flip horizontally for radiological view)
+    views = (
+        ("axial", (slice(None), slice(None), focus[2]), 0, 1, True),
+        ("coronal", (slice(None), focus[1], slice(None)), 0, 2, True),
+        ("sagittal", (focus[0], slice(None), slice(None)), 1, 2, False),
+    )
+    fig = Figure(figsize=(12, 4.6), dpi=100)
+    for n, (name, sl, h_axis, v_axis, flip_h) in enumerate(views):
+        ax = fig.add_subplot(1, 3, n + 1)
+        # rows = vertical axis (drawn bottom-up), columns = horizontal axis; radiological views put
+        # the patient's right (high R) on the image's left.
+        def oriented(a: np.ndarray, flip: bool = flip_h) -> np.ndarray:
+            return a.T[:, ::-1] if flip else a.T
+
+        w_mm = ct_ras.shape[h_axis] * sp_ras[h_axis]
+        h_mm = ct_ras.shape[v_axis] * sp_ras[v_axis]
+        extent = (0.0, w_mm, 0.0, h_mm)
+        ax.imshow(oriented(ct_ras[sl]), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], origin="lower",
+                  extent=extent, interpolation="bilinear")
+        if heat_ras is not None:
+            hmap = np.ma.masked_less(oriented(heat_ras[sl]), 0.05)
+            ax.imshow(hmap, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.45, origin="lower", extent=extent,
+                      interpolation="bilinear")
+        if box_idx is not None:
+            lo, hi = box_idx
+            x0, x1 = lo[h_axis] * sp_ras[h_axis], (hi[h_axis] + 1) * sp_ras[h_axis]
+            if flip_h:
+                x0, x1 = w_mm - x1, w_mm - x0
+            y0, y1 = lo[v_axis] * sp_ras[v_axis], (hi[v_axis] + 1) * sp_ras[v_axis]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1.2))
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        left, right = ("R", "L") if flip_h else ("P", "A")
+        ax.text(0.02, 0.5, left, color="yellow", transform=ax.transAxes, fontsize=9, va="center")
+        ax.text(0.96, 0.5, right, color="yellow", transform=ax.transAxes, fontsize=9, va="center")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
