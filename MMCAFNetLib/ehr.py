@@ -86,6 +86,15 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, str) and normalise_text(value).lower() in MISSING_TOKENS
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value cut to ``limit`` characters (an error message must stay readable)."""
+    try:
+        text = repr(value)
+    except Exception:  # a value whose repr fails still gets a message
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _token(value: Any) -> str:
     """A raw categorical value as a comparable token: 2.0 -> "2", True -> "1", " 1a " -> "1a"."""
     if isinstance(value, (bool, np.bool_)):
@@ -183,9 +192,9 @@ class ClinicalField:
         if self.kind == "continuous":
             try:
                 number = float(normalise_text(value)) if isinstance(value, str) else float(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ClinicalValueError(
-                    f"{self.label} ({self.name}): {value!r} is not a number; expected {self.allowed_text()}"
+                    f"{self.label} ({self.name}): {_short(value)} is not a number; expected {self.allowed_text()}"
                 ) from None
             if math.isnan(number):
                 return None
@@ -196,7 +205,12 @@ class ClinicalField:
                     f"expected {self.allowed_text()}"
                 )
             return number
-        token = _token(value)
+        try:
+            token = _token(value)
+        except (ValueError, OverflowError):  # e.g. an int too long to print
+            raise ClinicalValueError(
+                f"{self.label} ({self.name}): {_short(value)} is not accepted; expected {self.allowed_text()}"
+            ) from None
         if token.lower() in MISSING_TOKENS:
             return None
         if self.strip_prefix and token.lower().startswith(self.strip_prefix.lower()) and len(token) > len(
@@ -220,7 +234,7 @@ class ClinicalField:
                 stacklevel=3,
             )
             return None
-        raise ClinicalValueError(f"{self.label} ({self.name}): {value!r} is not accepted; expected {self.allowed_text()}")
+        raise ClinicalValueError(f"{self.label} ({self.name}): {_short(value)} is not accepted; expected {self.allowed_text()}")
 
     def code(self, canonical: Any) -> float:
         """Code of a canonical value (NaN when unknown)."""

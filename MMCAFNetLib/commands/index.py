@@ -31,6 +31,19 @@ def run(args: argparse.Namespace) -> int:
     from MMCAFNetLib.dataset import format_summary, index_download, write_cohort
 
     root = Path(args.root)
+    # flags first: a wrong fraction must not cost a scan of the whole download
+    for flag, value in (("--test-fraction", args.test_fraction), ("--val-fraction", args.val_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise UsageError(f"{flag} must be at least 0 and below 1, got {value}")
+    if args.test_fraction + args.val_fraction >= 1.0:
+        raise UsageError(
+            f"--test-fraction + --val-fraction must stay below 1 (got {args.test_fraction} + {args.val_fraction}); "
+            "no patient would be left for training"
+        )
+    if args.folds < 1:
+        raise UsageError(f"--folds must be at least 1, got {args.folds}")
+    if not root.is_dir():
+        raise UsageError(f"ROOT {root} does not exist or is not a folder; pass the NBIA download folder (where metadata.csv is)")
     if not (root / "metadata.csv").is_file():
         raise UsageError(f"{root} has no metadata.csv; ROOT must be the NBIA download folder (where metadata.csv is)")
     result = index_download(
