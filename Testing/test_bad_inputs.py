@@ -380,7 +380,7 @@ def _missing_parts(case: CliCase) -> list[str]:
     return [n for n in case.needs if not (REPO / "MMCAFNetLib" / n).exists()]
 
 
-PREDICT = ("commands/predict.py", "inference", "windows.py")
+PREDICT = ("commands/predict.py", "inference")
 CLI_CASES: dict[str, CliCase] = {
     "predict-missing-checkpoint": CliCase(
         ["predict", "--checkpoint", "{tmp}/none.pt", "--input", "{tmp}/ct.nrrd", "--out", "{tmp}/p1"],
