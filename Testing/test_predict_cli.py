@@ -1,0 +1,234 @@
+"""`mmcafnet predict`, `demo` and `info`, run through the real console entry point (cli.main)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_inference_support import write_untrained_checkpoint
+
+from MMCAFNetLib.cli import main
+from MMCAFNetLib.inference import OUTPUT_FILES
+from MMCAFNetLib.synthetic import make_case
+from MMCAFNetLib.volume import read_volume, write_volume
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "untrained.pt")
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case("G", 5, 96)
+
+
+@pytest.fixture(scope="module")
+def ct_file(case, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ct") / "case.nrrd"
+    write_volume(case.volume, path)
+    return path
+
+
+def same_geometry(a, b) -> bool:
+    return a.shape == b.shape and np.allclose(a.ijk_to_ras, b.ijk_to_ras, atol=1e-4)
+
+
+def point_args(point) -> list[str]:
+    return [f"{v:.4f}" for v in point]
+
+
+def test_predict_writes_four_files_on_the_input_geometry(ckpt, ct_file, case, tmp_path, capsys) -> None:
+    out = tmp_path / "result"
+    code = main(["predict", "--checkpoint", str(ckpt), "--input", str(ct_file), "--out", str(out),
+                 "--point", *point_args(case.lesion_center_ras), "--sex", "M", "--age", "63", "--smoking", "1"])
+    assert code == 0
+    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)
+    ct = read_volume(ct_file)
+    heat, labels = read_volume(out / "heatmap.nrrd"), read_volume(out / "labelmap.nrrd")
+    assert same_geometry(heat, ct) and same_geometry(labels, ct)
+    assert heat.array.dtype == np.float32 and labels.array.dtype == np.uint8
+    info = json.loads((out / "prediction.json").read_text())
+    assert set(info["probabilities"]) == {"A", "G"}
+    assert sum(info["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert info["predicted_class"] in ("A", "G") and info["windows"]
+    assert info["clinical_record"]["sex"] == "M" and info["clinical_record"]["smoking"] is not None
+    assert info["model"]["model_name"] == "mmcafnet-lite" and "sha256" in info["model"]
+    assert info["heatmap_threshold"] == 0.5 and info["decision_threshold"] == 0.5
+    assert "not for clinical use" in info["note"]
+    assert {"prepare_s", "inference_s", "total_s"} <= set(info["timings"])
+    np.testing.assert_array_equal(np.unique(labels.array), np.unique(labels.array[labels.array <= 4]))
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stdout = capsys.readouterr().out
+    assert "predicted:" in stdout and str(out) in stdout
+    # No temporary folder left next to the result.
+    assert [p.name for p in tmp_path.iterdir()] == ["result"]
+
+
+def test_lps_point_and_box_mean_the_same_place(ckpt, ct_file, case, tmp_path) -> None:
+    ras = np.asarray(case.lesion_center_ras)
+    lps = ras * np.array([-1.0, -1.0, 1.0])
+    a, b = tmp_path / "ras", tmp_path / "lps"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(ct_file), "--out", str(a), "--heatmap", "none",
+                 "--no-preview", "--point", *point_args(ras)]) == 0
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(ct_file), "--out", str(b), "--heatmap", "none",
+                 "--no-preview", "--lps", "--point", *point_args(lps)]) == 0
+    ja, jb = (json.loads((d / "prediction.json").read_text()) for d in (a, b))
+    assert ja["windows"] == jb["windows"]
+    np.testing.assert_allclose(ja["lesion_box_ras"][0], ras, atol=1e-3)
+    assert sorted(os.listdir(a)) == ["prediction.json"]  # no heatmap asked, none written
+    box = np.asarray(case.lesion_box_ras) * np.array([-1.0, -1.0, 1.0])
+    c = tmp_path / "box"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(ct_file), "--out", str(c), "--lps",
+                 "--box", *[f"{v:.4f}" for v in box.ravel()], "--heatmap", "gradcam"]) == 0
+    jc = json.loads((c / "prediction.json").read_text())
+    np.testing.assert_allclose(jc["lesion_box_ras"], np.asarray(case.lesion_box_ras), atol=1e-3)
+    assert jc["heatmap_method"] == "gradcam"
+
+
+def test_clinical_values_from_json_and_csv_rows(ckpt, ct_file, case, tmp_path) -> None:
+    record = {"sex": "F", "age": 70, "weight": 58, "t_stage": "2", "n_stage": "1", "m_stage": "0", "smoking": "0"}
+    js = tmp_path / "record.json"
+    js.write_text(json.dumps(record))
+    csv = tmp_path / "records.csv"
+    pd.DataFrame([{"patient_id": "X1", **record}, {"patient_id": "X2", **record, "sex": "M"}]).to_csv(csv, index=False)
+    common = ["predict", "--checkpoint", str(ckpt), "--input", str(ct_file), "--heatmap", "none", "--no-preview",
+              "--point", *point_args(case.lesion_center_ras)]
+    assert main([*common, "--out", str(tmp_path / "j"), "--clinical", str(js)]) == 0
+    assert json.loads((tmp_path / "j" / "prediction.json").read_text())["clinical_record"]["sex"] == "F"
+    assert main([*common, "--out", str(tmp_path / "c"), "--clinical", str(csv), "--row", "X2"]) == 0
+    assert json.loads((tmp_path / "c" / "prediction.json").read_text())["clinical_record"]["sex"] == "M"
+    # Flags override the file.
+    assert main([*common, "--out", str(tmp_path / "o"), "--clinical", str(js), "--sex", "M"]) == 0
+    assert json.loads((tmp_path / "o" / "prediction.json").read_text())["clinical_record"]["sex"] == "M"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--point", "9999", "0", "0"], "outside the CT"),
+        (["--sex", "banana"], "sex"),
+        (["--threshold", "2"], "threshold"),
+        (["--clinical", "{tmp}/missing.json"], "not found"),
+        (["--clinical", "{tmp}/two.csv"], "--row"),
+        (["--input-override", "{tmp}/no-such-ct.nrrd"], "no-such-ct"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(ckpt, ct_file, tmp_path, capsys, extra, message) -> None:
+    pd.DataFrame([{"patient_id": "1", "sex": "M"}, {"patient_id": "2", "sex": "F"}]).to_csv(tmp_path / "two.csv", index=False)
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    ct = str(ct_file)
+    if extra[0] == "--input-override":
+        ct, extra = extra[1], []
+    out = tmp_path / "out"
+    code = main(["predict", "--checkpoint", str(ckpt), "--input", ct, "--out", str(out), *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "error" in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_failed_rerun_keeps_the_previous_result(ckpt, ct_file, case, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = ["predict", "--checkpoint", str(ckpt), "--input", str(ct_file), "--out", str(out), "--no-preview",
+            "--point", *point_args(case.lesion_center_ras)]
+    assert main(args) == 0
+    before = (out / "prediction.json").read_bytes()
+    assert main([*args[:-3], "9999", "0", "0"]) == 2
+    assert (out / "prediction.json").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["heatmap.nrrd", "labelmap.nrrd", "prediction.json"]
+
+
+def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path) -> None:
+    cases = tmp_path / "cts"
+    cases.mkdir()
+    other = make_case("A", 8, 96)
+    write_volume(case.volume, cases / "first.nrrd")
+    write_volume(other.volume, cases / "second.nii.gz")
+    (cases / "notes.txt").write_text("not a CT")
+    out = tmp_path / "batch"
+    assert main(["predict", "--checkpoint", str(ckpt), "--batch", str(cases), "--out", str(out), "--no-preview",
+                 "--heatmap", "none", "--age", "60"]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["case_id"]) == ["first", "second"] and set(summary["status"]) == {"ok"}
+    assert (out / "first" / "prediction.json").is_file() and (out / "second" / "prediction.json").is_file()
+    # A CSV with lesion boxes (the cohort-table columns) and one broken row.
+    rows = []
+    for name, c in (("p1", case), ("p2", other)):
+        lo, hi = c.lesion_box_ras
+        rows.append({"patient_id": name, "series_path": str(cases / ("first.nrrd" if name == "p1" else "second.nii.gz")),
+                     "box_ras_min_r": lo[0], "box_ras_min_a": lo[1], "box_ras_min_s": lo[2],
+                     "box_ras_max_r": hi[0], "box_ras_max_a": hi[1], "box_ras_max_s": hi[2], **c.record})
+    rows.append({"patient_id": "p3", "series_path": str(tmp_path / "missing.nrrd")})
+    table = tmp_path / "cases.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    out2 = tmp_path / "batch2"
+    assert main(["predict", "--checkpoint", str(ckpt), "--batch", str(table), "--out", str(out2), "--no-preview"]) == 1
+    summary = pd.read_csv(out2 / "summary.csv").set_index("case_id")
+    assert summary.loc["p1", "status"] == "ok" and summary.loc["p2", "status"] == "ok"
+    assert summary.loc["p3", "status"] == "error" and "missing.nrrd" in summary.loc["p3", "error"]
+    assert not (out2 / "p3").exists()
+    j1 = json.loads((out2 / "p1" / "prediction.json").read_text())
+    np.testing.assert_allclose(j1["lesion_box_ras"], np.asarray(case.lesion_box_ras), atol=1e-3)
+    assert summary.loc["p1", "probability"] == pytest.approx(j1["probability"], abs=1e-5)
+
+
+def test_predict_on_a_dicom_series_written_by_synth(ckpt, tmp_path) -> None:
+    from MMCAFNetLib.synthetic import write_cohort
+
+    cohort = write_cohort(tmp_path / "cohort", patients=1, seed=4, size=96, extra_series=False)
+    patient = cohort.patients[0]
+    out = tmp_path / "dicom-result"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", patient.series_path, "--out", str(out),
+                 "--point", *point_args(patient.lesion_center_ras)]) == 0
+    ct = read_volume(patient.series_path)
+    assert same_geometry(read_volume(out / "heatmap.nrrd"), ct)
+    assert same_geometry(read_volume(out / "labelmap.nrrd"), ct)
+    info = json.loads((out / "prediction.json").read_text())
+    # Sex, age and weight came from the DICOM header.
+    assert info["clinical_record"]["sex"] in ("M", "F") and info["clinical_record"]["age"] is not None
+
+
+def test_info_shows_what_the_checkpoint_holds(ckpt, capsys) -> None:
+    assert main(["info", str(ckpt)]) == 0
+    text = capsys.readouterr().out
+    assert "mmcafnet-lite" in text and "Adenocarcinoma" in text and "test-small" in text and "demo model:      no" in text
+    assert main(["info", str(ckpt), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["class_names"] == ["A", "G"] and data["demo"] is False
+    assert data["clinical_fields"] == ["sex", "age", "weight", "t_stage", "n_stage", "m_stage", "smoking"]
+    assert data["parameters"] > 1000 and data["preset"]["window"] == [8, 32, 32]
+
+
+def test_demo_writes_the_files_and_names_the_true_class(tmp_path, capsys) -> None:
+    demo_ckpt = write_untrained_checkpoint(tmp_path / "demo.pt", demo=True)
+    out = tmp_path / "demo-out"
+    assert main(["demo", "--out", str(out), "--checkpoint", str(demo_ckpt), "--size", "96", "--label", "G"]) == 0
+    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)
+    text = capsys.readouterr().out
+    assert "true class G" in text and "predicted:" in text and str(out) in text
+    info = json.loads((out / "prediction.json").read_text())
+    assert info["model"]["demo"] is True and "DEMO" in info["note"]
+
+
+def test_demo_without_the_bundled_model_says_so(tmp_path, monkeypatch, capsys) -> None:
+    empty = tmp_path / "Resources"
+    (empty / "Models").mkdir(parents=True)
+    (empty / "Models.json").write_text("{}")
+    monkeypatch.setenv("MMCAFNET_RESOURCES", str(empty))
+    assert main(["demo", "--out", str(tmp_path / "o")]) == 2
+    assert "demo model is missing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
