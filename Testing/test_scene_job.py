@@ -78,7 +78,8 @@ class TorchStandIn:
 
 def real_predictor_available() -> bool:
     try:
-        from MMCAFNetLib import inference, windows  # noqa: F401
+        from MMCAFNetLib.inference import Predictor  # noqa: F401
+        from MMCAFNetLib.synthetic import make_case  # noqa: F401
     except ImportError:
         return False
     return True
@@ -263,10 +264,10 @@ def test_predictor_is_loaded_once_and_reruns_replace_outputs(mrml_scene, test_ch
 
         logic = sl.ClassificationLogic(loader=loader)
         options = sl.ClassificationOptions(model_path="stand-in.pt", device="cpu")
-    ct, record, _ = add_case_ct(mrml_scene)
-    logic.classify(ct, record, None, options)
+    ct, record, centre = add_case_ct(mrml_scene)
+    logic.classify(ct, record, centre, options)
     n = count(mrml_scene)
-    _, outputs = logic.classify(ct, record, None, options)
+    _, outputs = logic.classify(ct, record, centre, options)
     assert count(mrml_scene) == n and len(loads) == 1
     assert np.allclose(mscene.node_ijk_to_ras(outputs.heatmap), mscene.node_ijk_to_ras(ct))
 
