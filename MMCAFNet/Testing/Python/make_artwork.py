@@ -129,11 +129,12 @@ def render_screenshot(checkpoint: str | None = None, path: Path = SCREENSHOT) ->
         ax = fig.add_axes([0.01 + n * 0.33, 0.06, 0.32, 0.86])
         spacing = case.volume.spacing
         aspect = spacing[1] / spacing[0] if title == "Axial" else spacing[2] / spacing[0]
-        ax.imshow(np.clip((img + 1000) / 1400, 0, 1), cmap="gray", aspect=aspect, origin="upper")
+        origin = "upper" if title == "Axial" else "lower"  # coronal: superior (high k) at the top
+        ax.imshow(np.clip((img + 1000) / 1400, 0, 1), cmap="gray", aspect=aspect, origin=origin)
         shown = np.ma.masked_less(hm, result.threshold * 0.6)
-        ax.imshow(shown, cmap="inferno", vmin=0, vmax=1, alpha=0.4, aspect=aspect)
+        ax.imshow(shown, cmap="inferno", vmin=0, vmax=1, alpha=0.4, aspect=aspect, origin=origin)
         if lab.any():
-            ax.contour(lab > 0, levels=[0.5], colors=["#e65933"], linewidths=1.6)
+            ax.contour(lab > 0, levels=[0.5], colors=["#e65933"], linewidths=1.6, origin=origin)
         ax.set_title(title, color="#dddddd", fontsize=11)
         ax.axis("off")
     tab = fig.add_axes([0.69, 0.10, 0.30, 0.78])
