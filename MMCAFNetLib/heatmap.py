@@ -144,6 +144,15 @@ def resample_to_grid(
     out = np.zeros(dst_shape, dtype=np.float32)
     # dst (i, j, k, 1) -> src (i, j, k, 1)
     m = np.linalg.solve(np.asarray(src_ijk_to_ras, dtype=np.float64), np.asarray(dst_ijk_to_ras, dtype=np.float64))
+    # Grids whose axes are a permutation of each other (a sagittal acquisition against the canonical
+    # preprocessed grid): transpose the source so the mapping becomes diagonal (separable path).
+    perm = _axis_permutation(m[:3, :3])
+    if perm is not None and perm != (0, 1, 2):
+        # dst ijk axis a reads source ijk axis perm[a]; array axes are reversed (k, j, i).
+        src = np.ascontiguousarray(np.transpose(src, [2 - perm[2 - ax] for ax in range(3)]))
+        rows = np.eye(4)
+        rows[:3, :3] = np.eye(3)[list(perm)]
+        m = rows @ m
     # Crop the source to its non-zero support (plus one voxel) so empty space costs nothing.
     nz = np.nonzero(src.any(axis=(1, 2)))[0], np.nonzero(src.any(axis=(0, 2)))[0], np.nonzero(src.any(axis=(0, 1)))[0]
     if any(len(a) == 0 for a in nz):
@@ -180,6 +189,16 @@ def resample_to_grid(
     else:
         out[region] = _general(src, m_sub, sub_shape)
     return out
+
+
+def _axis_permutation(lin: np.ndarray) -> Optional[tuple[int, int, int]]:
+    """For a 3x3 map with exactly one non-zero per row and column: the source axis of each
+    destination axis; None when the grids are oblique to each other."""
+    scale = max(float(np.abs(lin).max()), 1e-12)
+    nonzero = np.abs(lin) > _AXIS_TOL * scale
+    if not (np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)):
+        return None
+    return tuple(int(np.argmax(nonzero[:, a])) for a in range(3))  # type: ignore[return-value]
 
 
 def _axis_weights(n_src: int, n_dst: int, scale: float, offset: float):
