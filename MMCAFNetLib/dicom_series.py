@@ -195,6 +195,8 @@ def scan_folder(folder: str | os.PathLike) -> tuple[dict[str, list[DicomSlice]],
         if "PixelData" not in sl.dataset and "FloatPixelData" not in sl.dataset:
             if not sl.sop_class_uid:  # neither an image nor a known non-image object
                 problems.append(f"corrupt DICOM file skipped: {path} (no SOP Class and no pixel data)")
+            elif sl.sop_class_uid == CT_IMAGE_STORAGE or sl.rows > 0:  # an image header whose pixels are gone
+                problems.append(f"corrupt DICOM file skipped: {path} (an image header without pixel data)")
             continue
         if sl.rows <= 0 or sl.columns <= 0:
             problems.append(f"DICOM file without image size skipped: {path}")
@@ -402,6 +404,11 @@ def _decoder_available(transfer_syntax: str) -> bool:
 def _check_transfer_syntax(sl: DicomSlice) -> None:
     meta = getattr(sl.dataset, "file_meta", None)
     ts = pydicom.uid.UID(str(meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)) if meta else "1.2.840.10008.1.2")
+    if not ts.is_transfer_syntax:
+        raise VolumeError(
+            f"{sl.path} declares the transfer syntax {str(ts)!r}, which is not a DICOM transfer syntax, so its "
+            "pixel data cannot be interpreted. Re-export the series (or convert it, e.g. with gdcmconv --raw)."
+        )
     if not ts.is_compressed:
         return
     if not _decoder_available(ts):
@@ -499,9 +506,16 @@ def _stack_hu(slices: list[DicomSlice], warn: list[str]) -> tuple[np.ndarray, li
                 np.add(arr, np.int32(offset), out=out[k], dtype=np.int32, casting="unsafe")
             return out, kept
     out = np.empty((len(raw), first.shape[0], first.shape[1]), dtype=np.float32)
-    for k, arr in enumerate(raw):
-        np.multiply(arr, np.float32(slopes[k]), out=out[k], casting="unsafe")
-        out[k] += np.float32(intercepts[k])
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k, arr in enumerate(raw):
+            np.multiply(arr, np.float32(slopes[k]), out=out[k], casting="unsafe")
+            out[k] += np.float32(intercepts[k])
+            if np.count_nonzero(~np.isfinite(out[k])) > np.count_nonzero(~np.isfinite(arr)):
+                raise VolumeError(
+                    f"{kept[k].path}: RescaleSlope {slopes[k]:g} and RescaleIntercept {intercepts[k]:g} turn the "
+                    "stored values into numbers beyond the float32 range: the header is damaged. Correct the "
+                    "rescale values or re-export the series."
+                )
     return out, kept
 
 
@@ -663,6 +677,12 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: Optional[str] = Non
             raise VolumeError(
                 f"{folder} holds no DICOM files, only {len(subfolders)} sub-folder(s) (e.g. {subfolders[0]!r}). "
                 "Point to the folder of one CT series itself; series are not searched for in sub-folders."
+            )
+        files = [e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
+        if files:
+            raise VolumeError(
+                f"{folder} holds {len(files)} DICOM file(s) but none carries image data (e.g. {files[0]!r}: a "
+                "DICOMDIR, report or presentation state?). Point to the folder of one CT image series."
             )
         raise VolumeError(f"{folder} is empty: no DICOM files found. Point to the folder of one CT series.")
     uid = choose_series(groups, series_uid, folder)
