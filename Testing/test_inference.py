@@ -194,10 +194,17 @@ def test_gradcam_heatmap_needs_no_parameter_gradients(predictor, case) -> None:
     np.testing.assert_allclose(result.probabilities, plain.probabilities, atol=1e-5)
 
 
-@pytest.mark.parametrize("frame", ["oblique", "lps-flipped"])
+@pytest.mark.parametrize("frame", ["oblique", "lps-flipped", "permuted"])
 def test_heatmap_follows_oblique_and_flipped_inputs(predictor, case, frame) -> None:
     base = case.volume
-    if frame == "oblique":
+    array = base.array
+    ijk = base.ras_to_ijk_points(np.asarray(case.lesion_center_ras))[0]
+    if frame == "permuted":  # stored sagittally: i and k swapped
+        array = np.ascontiguousarray(base.array.transpose(2, 1, 0))
+        affine = base.ijk_to_ras.copy()
+        affine[:3, [0, 2]] = affine[:3, [2, 0]]
+        ijk = ijk[::-1]
+    elif frame == "oblique":
         t = np.deg2rad(15.0)
         rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
         affine = base.ijk_to_ras.copy()
@@ -205,9 +212,8 @@ def test_heatmap_follows_oblique_and_flipped_inputs(predictor, case, frame) -> N
         affine[:3, 3] = rot @ affine[:3, 3]
     else:
         affine = LPS_TO_RAS @ base.ijk_to_ras  # the same array, mirrored in R and A
-    ct = Volume(base.array, affine, dict(base.meta))
+    ct = Volume(array, affine, dict(base.meta))
     # The lesion moves with the frame: map its voxel centre through the new matrix.
-    ijk = base.ras_to_ijk_points(np.asarray(case.lesion_center_ras))[0]
     point = ct.ijk_to_ras_points([ijk])[0]
     result = predictor.classify(ct, case.record, lesion=point, heatmap="attention")
     assert_on_input_grid(result.heatmap, ct)
