@@ -1,0 +1,474 @@
+"""The preprocessed cache: each CT series prepared once, kept as a memory-mapped array.
+
+Why: reading and resampling a DICOM series costs seconds; a training run reads every series every
+epoch. ``mmcafnet preprocess`` (or the first training run) prepares each series with the run's
+preset (``windows.prepare_volume``) and stores it as ``arrays/<key>.npy`` (int16 HU by default,
+or float16) with a sidecar ``arrays/<key>.json``; ``manifest.json`` indexes every entry.
+
+The key is a fingerprint of the source files (relative names, sizes, modification times), the
+series UID, the preset and the storage format: touching a source file or changing the preset
+gives a new key, so a stale entry is never used. Every lookup checks that the array file has the
+size its header and sidecar promise; ``verify="full"`` also checks a CRC-32 of the data. An entry
+that fails is rebuilt. All files are written to a temporary name and moved into place, so an
+interrupted run leaves no half-written entry and several processes may fill one cache.
+
+``WindowDataset`` serves training and evaluation windows straight from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from MMCAFNetLib.preset import Preset, get_preset
+from MMCAFNetLib.volume import Volume
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+_DTYPES = {"int16": np.int16, "float16": np.float16}
+
+
+class CacheError(ValueError):
+    """A cache entry cannot be used (corrupt, truncated, unreadable)."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def source_files(source: str | os.PathLike) -> list[Path]:
+    """The files a series is read from: the files of a folder (not recursive), or the file itself
+    (with the .raw/.img/.zraw data file of a MetaImage header)."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no files; pass a DICOM series folder or an image file")
+        return files
+    if path.is_file():
+        files = [path]
+        if path.suffix.lower() == ".mhd":
+            files += [p for p in (path.with_suffix(s) for s in (".raw", ".zraw", ".img")) if p.is_file()]
+        return files
+    raise FileNotFoundError(f"no such CT series or image: {path}")
+
+
+def source_fingerprint(source: str | os.PathLike) -> str:
+    """sha256 over (name, size, mtime) of the source files: changes when any file changes."""
+    h = hashlib.sha256()
+    base = Path(source)
+    for f in source_files(source):
+        st = f.stat()
+        name = f.name if base.is_dir() else str(f.resolve())
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _crc32_file(path: Path, offset: int) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while True:
+            block = fh.read(1 << 22)
+            if not block:
+                return crc
+            crc = zlib.crc32(block, crc)
+
+
+class PreprocessCache:
+    """A folder of prepared series. ``ensure(source, preset)`` returns the prepared Volume (array
+    memory-mapped, read-only), building it on first use. ``stats`` counts hits, builds, rebuilds."""
+
+    def __init__(self, root: str | os.PathLike, dtype: str = "int16") -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.root = Path(root)
+        self.dtype = dtype
+        self.arrays = self.root / "arrays"
+        self.stats = {"hits": 0, "built": 0, "rebuilt": 0}
+
+    # ---------------------------------------------------------------------------------- keys
+    def key(self, source: str | os.PathLike, preset: Preset | str | dict, series_uid: Optional[str] = None) -> str:
+        preset = get_preset(preset)
+        h = hashlib.sha256()
+        h.update(
+            json.dumps(
+                {
+                    "format": CACHE_FORMAT,
+                    "dtype": self.dtype,
+                    "source": source_fingerprint(source),
+                    "series_uid": series_uid or "",
+                    "preset": preset.to_dict(),
+                },
+                sort_keys=True,
+            ).encode()
+        )
+        return h.hexdigest()[:32]
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        return self.arrays / f"{key}.npy", self.arrays / f"{key}.json"
+
+    # ---------------------------------------------------------------------------------- reading
+    def _open(self, key: str, verify: str) -> Volume:
+        array_path, info_path = self._paths(key)
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cache entry {key}: sidecar unreadable ({exc})") from None
+        try:
+            array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cache entry {key}: array unreadable ({exc})") from None
+        shape = tuple(int(s) for s in info["shape"])
+        if array.shape != shape or array.dtype != np.dtype(info["dtype"]):
+            raise CacheError(f"cache entry {key}: holds {array.shape} {array.dtype}, expected {shape} {info['dtype']}")
+        if array_path.stat().st_size != int(info["file_size"]):
+            raise CacheError(f"cache entry {key}: file size {array_path.stat().st_size}, expected {info['file_size']}")
+        if verify == "full" and _crc32_file(array_path, int(info["data_offset"])) != int(info["crc32"]):
+            raise CacheError(f"cache entry {key}: checksum mismatch (the file was modified or corrupted)")
+        meta = dict(info.get("meta", {}))
+        meta.update(cache_key=key, preset=info["preset"]["name"], source_ijk_to_ras=info.get("source_ijk_to_ras"))
+        return Volume(array, np.array(info["ijk_to_ras"], dtype=np.float64), meta)
+
+    def get(
+        self,
+        source: str | os.PathLike,
+        preset: Preset | str | dict,
+        series_uid: Optional[str] = None,
+        verify: str = "size",
+    ) -> Optional[Volume]:
+        """The cached prepared volume, or None when absent or unusable (never reads the source)."""
+        if verify not in ("size", "full"):
+            raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
+        key = self.key(source, preset, series_uid)
+        if not self._paths(key)[0].exists():
+            return None
+        try:
+            vol = self._open(key, verify)
+        except CacheError:
+            return None
+        self.stats["hits"] += 1
+        return vol
+
+    # ---------------------------------------------------------------------------------- writing
+    def build(
+        self,
+        source: str | os.PathLike,
+        preset: Preset | str | dict,
+        series_uid: Optional[str] = None,
+        volume: Optional[Volume] = None,
+        *,
+        _counter: str = "built",
+    ) -> Volume:
+        """Read the source (or use ``volume``, already read from it), prepare it and store it."""
+        from MMCAFNetLib import volume as volume_io
+        from MMCAFNetLib.windows import prepare_volume
+
+        preset = get_preset(preset)
+        key = self.key(source, preset, series_uid)
+        if volume is None:
+            volume = volume_io.read_volume(source, series_uid=series_uid)
+        prepared = prepare_volume(volume, preset)
+        if self.dtype == "int16":
+            data = np.clip(np.rint(prepared.array), -32768, 32767).astype(np.int16)
+        else:
+            data = prepared.array.astype(np.float16)
+        self.arrays.mkdir(parents=True, exist_ok=True)
+        array_path, info_path = self._paths(key)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy.tmp", dir=self.arrays)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, data, allow_pickle=False)
+            file_size = os.path.getsize(tmp)
+            data_offset = file_size - data.nbytes
+            crc = _crc32_file(Path(tmp), data_offset)
+            os.replace(tmp, array_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        keep_meta = {
+            k: v
+            for k, v in volume.meta.items()
+            if k in ("modality", "series_uid", "patient_sex", "patient_age", "patient_weight", "warnings")
+        }
+        info = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "source": str(Path(source).resolve()),
+            "series_uid": series_uid,
+            "source_fingerprint": source_fingerprint(source),
+            "source_ijk_to_ras": np.asarray(volume.ijk_to_ras).tolist(),
+            "source_shape": list(volume.shape),
+            "preset": preset.to_dict(),
+            "shape": list(data.shape),
+            "dtype": str(data.dtype),
+            "ijk_to_ras": prepared.ijk_to_ras.tolist(),
+            "file_size": file_size,
+            "data_offset": data_offset,
+            "crc32": crc,
+            "meta": _json_safe(keep_meta),
+        }
+        _atomic_write_json(info_path, info)
+        self._update_manifest(key, info)
+        self.stats[_counter] += 1
+        return self._open(key, "size")
+
+    def ensure(
+        self,
+        source: str | os.PathLike,
+        preset: Preset | str | dict,
+        series_uid: Optional[str] = None,
+        verify: str = "size",
+    ) -> Volume:
+        """The prepared volume from the cache, built (or rebuilt, if corrupt) when needed."""
+        if verify not in ("size", "full"):
+            raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
+        key = self.key(source, preset, series_uid)
+        if self._paths(key)[0].exists():
+            try:
+                vol = self._open(key, verify)
+                self.stats["hits"] += 1
+                return vol
+            except CacheError:
+                return self.build(source, preset, series_uid, _counter="rebuilt")
+        return self.build(source, preset, series_uid)
+
+    # ---------------------------------------------------------------------------------- manifest
+    def _update_manifest(self, key: str, info: dict[str, Any]) -> None:
+        manifest = self.manifest()
+        manifest["entries"][key] = {
+            k: info[k] for k in ("source", "series_uid", "source_fingerprint", "preset", "shape", "dtype", "file_size", "crc32")
+        }
+        _atomic_write_json(self.root / MANIFEST, manifest)
+
+    def manifest(self) -> dict[str, Any]:
+        """The index of entries (rebuilt from the sidecars when missing or unreadable)."""
+        path = self.root / MANIFEST
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if manifest.get("format") == CACHE_FORMAT and isinstance(manifest.get("entries"), dict):
+                return manifest
+        except (OSError, ValueError):
+            pass
+        entries: dict[str, Any] = {}
+        if self.arrays.is_dir():
+            for side in sorted(self.arrays.glob("*.json")):
+                try:
+                    info = json.loads(side.read_text(encoding="utf-8"))
+                    entries[info["key"]] = {k: info.get(k) for k in ("source", "series_uid", "source_fingerprint",
+                                                                      "preset", "shape", "dtype", "file_size", "crc32")}
+                except (OSError, ValueError, KeyError):
+                    continue
+        self.root.mkdir(parents=True, exist_ok=True)
+        return {"format": CACHE_FORMAT, "entries": entries}
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.arrays.glob("*.npy")) if self.arrays.is_dir() else 0
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset
+
+
+def _series_uid(row: Any) -> Optional[str]:
+    uid = row.get("series_uid") if hasattr(row, "get") else None
+    return uid if isinstance(uid, str) and uid.strip() else None
+
+
+def _box_ras(row: Any, prepared: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The lesion box in RAS: the RAS columns, or the voxel columns through the source geometry."""
+    ras_cols = ("box_ras_min_r", "box_ras_min_a", "box_ras_min_s", "box_ras_max_r", "box_ras_max_a", "box_ras_max_s")
+    if all(c in row and row[c] == row[c] for c in ras_cols):
+        v = np.array([float(row[c]) for c in ras_cols])
+        return np.minimum(v[:3], v[3:]), np.maximum(v[:3], v[3:])
+    ijk_cols = ("box_ijk_min_i", "box_ijk_min_j", "box_ijk_min_k", "box_ijk_max_i", "box_ijk_max_j", "box_ijk_max_k")
+    source = prepared.meta.get("source_ijk_to_ras")
+    if source is None or not all(c in row for c in ijk_cols):
+        raise ValueError(
+            f"patient {row.get('patient_id')}: the cohort row has no lesion box (box_ras_* or box_ijk_* columns); "
+            "re-create the table with mmcafnet index"
+        )
+    v = np.array([float(row[c]) for c in ijk_cols])
+    corners = np.array([[a, b, c, 1.0] for a in (v[0], v[3]) for b in (v[1], v[4]) for c in (v[2], v[5])])
+    ras = (corners @ np.asarray(source).T)[:, :3]
+    return ras.min(axis=0), ras.max(axis=0)
+
+
+class WindowDataset(Dataset):
+    """Windows around each patient's lesion, served from a ``PreprocessCache``.
+
+    Items: ``{"image": float32 [1, D, H, W], "clinical": float32 [F], "label": int,
+    "patient_id": str, "window": int}``.
+
+    Training (``augment=True``, or ``train=True``): ``windows_per_patient`` items per patient, each
+    a lesion-centred window (``windows.sample_training_center``: jitter up to ``max_jitter_slices``
+    slices and ``max_jitter_mm`` in-plane) flipped and rotated by ``windows.augment``; draws depend
+    on (seed, epoch, index) only, so any worker or process draws the same. Without augmentation a
+    training item is one of the covering windows, unjittered. Evaluation (``augment=False``):
+    every window covering each lesion (``windows.window_centers_for_box``), deterministic, in
+    patient order; a patient's score is the max over its windows.
+
+    ``schema`` (``MMCAFNetLib.ehr.ClinicalSchema``, fitted on the training split) encodes the
+    clinical columns; ``class_names`` maps labels to indices (default: sorted labels, so A=0, G=1).
+    Missing cache entries are built on first use unless ``build_missing`` is False.
+    """
+
+    def __init__(
+        self,
+        cohort_df: Any,
+        cache: PreprocessCache,
+        preset: Preset | str | dict,
+        schema: Any,
+        augment: bool,
+        windows_per_patient: int = 1,
+        seed: int = 0,
+        *,
+        train: Optional[bool] = None,
+        class_names: Optional[Sequence[str]] = None,
+        build_missing: bool = True,
+        max_jitter_slices: int = 6,
+        max_jitter_mm: float = 6.0,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> None:
+        from MMCAFNetLib import windows as win
+
+        if len(cohort_df) == 0:
+            raise ValueError("the cohort has no patients")
+        if windows_per_patient < 1:
+            raise ValueError(f"windows_per_patient must be at least 1, got {windows_per_patient}")
+        self.preset = get_preset(preset)
+        self.cache = cache
+        self.augment = bool(augment)
+        self.train = self.augment if train is None else bool(train)
+        self.windows_per_patient = int(windows_per_patient)
+        self.seed = int(seed)
+        self.max_jitter_slices = int(max_jitter_slices)
+        self.max_jitter_mm = float(max_jitter_mm)
+        self.epoch = 0
+        rows = list(cohort_df.to_dict(orient="records")) if hasattr(cohort_df, "to_dict") else list(cohort_df)
+        labels = [str(r["label"]) for r in rows]
+        self.class_names = list(class_names) if class_names is not None else sorted(set(labels))
+        unknown = sorted(set(labels) - set(self.class_names))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among class_names {self.class_names}")
+        records = [{name: r.get(name) for name in schema.field_names} for r in rows]
+        self.clinical = np.asarray(schema.encode(records), dtype=np.float32)
+        self.labels = [self.class_names.index(lbl) for lbl in labels]
+        self.patient_ids = [str(r["patient_id"]) for r in rows]
+        self.volumes: list[Optional[Volume]] = []
+        self.keys: list[str] = []
+        self.boxes: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
+        self.centers: list[list[tuple[int, int, int]]] = []
+        for n, row in enumerate(rows):
+            source = row["series_path"]
+            uid = _series_uid(row)
+            if build_missing:
+                vol = cache.ensure(source, self.preset, uid)
+            else:
+                vol = cache.get(source, self.preset, uid)
+                if vol is None:
+                    raise FileNotFoundError(
+                        f"patient {row['patient_id']}: {source} is not in the cache {cache.root} for preset "
+                        f"{self.preset.name!r}; run mmcafnet preprocess first"
+                    )
+            lo_ras, hi_ras = _box_ras(row, vol)
+            box = win.box_ras_to_kji(vol, lo_ras, hi_ras)
+            self.volumes.append(vol)
+            self.keys.append(str(vol.meta["cache_key"]))
+            self.boxes.append(box)
+            self.centers.append(win.window_centers_for_box(vol, box[0], box[1], self.preset))
+            if progress is not None:
+                progress(n + 1, len(rows))
+        if self.train:
+            self.items = [(p, w) for p in range(len(rows)) for w in range(self.windows_per_patient)]
+        else:
+            self.items = [(p, w) for p in range(len(rows)) for w in range(len(self.centers[p]))]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # worker processes reopen the memory maps instead of receiving copies of the arrays
+        state = dict(self.__dict__)
+        state["volumes"] = [None] * len(self.volumes)
+        return state
+
+    def _volume(self, p: int) -> Volume:
+        vol = self.volumes[p]
+        if vol is None:
+            vol = self.cache._open(self.keys[p], "size")
+            self.volumes[p] = vol
+        return vol
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training draws change with the epoch (call before each epoch, as with DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def item_patients(self) -> list[str]:
+        """Patient id of every item, in item order (for max aggregation per patient)."""
+        return [self.patient_ids[p] for p, _ in self.items]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from MMCAFNetLib import windows as win
+
+        if not 0 <= int(index) < len(self.items):
+            raise IndexError(f"index {index} out of range for {len(self.items)} items")
+        p, w = self.items[int(index)]
+        vol = self._volume(p)
+        lo, hi = self.boxes[p]
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            if self.augment:
+                center = win.sample_training_center(
+                    vol, lo, hi, self.preset, rng, self.max_jitter_slices, self.max_jitter_mm
+                )
+            else:
+                center = self.centers[p][int(rng.integers(len(self.centers[p])))]
+            array = win.cut_window(vol, center, self.preset).array
+            if self.augment:
+                array = win.augment(array, rng, self.preset)
+        else:
+            array = win.cut_window(vol, self.centers[p][w], self.preset).array
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None],
+            "clinical": torch.from_numpy(self.clinical[p].copy()),
+            "label": int(self.labels[p]),
+            "patient_id": self.patient_ids[p],
+            "window": int(w),
+        }
