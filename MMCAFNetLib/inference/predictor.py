@@ -385,15 +385,9 @@ def aggregate_window_probabilities(window_probs: np.ndarray, binary: bool) -> np
 
 
 def _windows_module():
-    """``MMCAFNetLib.windows``, or the minimal stand-in while that module is not installed."""
-    import importlib
+    from MMCAFNetLib import windows
 
-    try:
-        return importlib.import_module("MMCAFNetLib.windows")
-    except ModuleNotFoundError as exc:
-        if exc.name != "MMCAFNetLib.windows":
-            raise
-        return importlib.import_module("MMCAFNetLib.inference.windows_fallback")
+    return windows
 
 
 def _check_cancel(cancel: Optional[threading.Event]) -> None:
