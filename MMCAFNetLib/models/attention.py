@@ -62,10 +62,10 @@ class DCFB(nn.Module):
         self.shuffle_groups = math.gcd(hidden, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.relu6(self.expand(x))
-        mixed = F.relu6(self.branches[0](hidden))
+        hidden = F.relu6(self.expand(x), inplace=True)
+        mixed = F.relu6(self.branches[0](hidden), inplace=True)
         for branch in self.branches[1:]:
-            mixed = mixed + F.relu6(branch(hidden))
+            mixed = mixed + F.relu6(branch(hidden), inplace=True)
         mixed = channel_shuffle(mixed, self.shuffle_groups)
         return x + self.project(mixed)
 

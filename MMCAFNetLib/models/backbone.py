@@ -73,13 +73,13 @@ class PENetBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.shortcut is None else self.shortcut(x)
-        y = F.leaky_relu(self.norm1(self.conv1(x)))
-        y = F.leaky_relu(self.norm2(self.conv2(y)))
+        y = F.leaky_relu(self.norm1(self.conv1(x)), inplace=True)
+        y = F.leaky_relu(self.norm2(self.conv2(y)), inplace=True)
         y = self.se(self.norm3(self.conv3(y)))
         if self.training and self.survival_prob < 1.0:
             keep = torch.rand(y.shape[0], 1, 1, 1, 1, device=y.device, dtype=y.dtype) < self.survival_prob
             y = y * keep / self.survival_prob
-        return F.leaky_relu(y + skip)
+        return F.leaky_relu(y + skip, inplace=True)
 
 
 class PENetStage(nn.Module):
@@ -133,7 +133,7 @@ class PENetStem(nn.Module):
         if weight.shape[1] != 1:
             weight = weight.sum(dim=1, keepdim=True)
         x = F.conv3d(x, weight, None, self.conv.stride, self.conv.padding)
-        x = F.leaky_relu(self.norm(x))
+        x = F.leaky_relu(self.norm(x), inplace=True)
         return F.max_pool3d(x, 3, stride=2, padding=1)
 
 

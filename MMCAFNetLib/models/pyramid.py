@@ -29,7 +29,7 @@ class LevelNorm(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(F.relu(self.norm(x)))
+        return self.dropout(F.relu(self.norm(x), inplace=True))
 
 
 class UCB(nn.Module):
@@ -48,7 +48,7 @@ class UCB(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=True)
-        x = self.pwconv(F.relu(self.norm(self.dwconv(x))))
+        x = self.pwconv(F.relu(self.norm(self.dwconv(x)), inplace=True))
         return resize(x, size)
 
 
