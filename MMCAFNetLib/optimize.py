@@ -1,0 +1,231 @@
+"""Speed settings for running and training the networks, each kept because the benchmark showed it pays.
+
+``Testing/benchmarks/bench.py`` measures every setting here next to the plain path in the same run
+(docs/performance.md holds the numbers). What is applied by default:
+
+- inference: eval mode, no gradients (``requires_grad`` off, ``torch.inference_mode`` in the caller),
+  BatchNorm folded into the convolution before it (DCFB and UCB blocks: one pass over the map
+  instead of two), and bf16 autocast where the CPU multiplies bf16 in hardware (AVX512-BF16 or
+  AMX) or on CUDA. On CPUs without bf16 hardware, bf16 is emulated and slower than fp32, so it
+  is never used there.
+- channels_last_3d is available (``channels_last=True``) but not the default on CPU: see the
+  benchmark.
+
+The environment variable ``MMCAFNET_CPU_BF16=0`` turns bf16 off on CPUs that have it (``1`` forces it
+on where torch supports it), e.g. to compare against fp32 results exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, ContextManager, Dict, Optional, Set, Union
+
+import torch
+from torch import nn
+
+DeviceLike = Union[str, torch.device, None]
+
+#: environment variable that overrides the bf16 choice on CPU ("0" off, "1" on)
+CPU_BF16_ENV = "MMCAFNET_CPU_BF16"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the machine can do
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_flags() -> Set[str]:
+    """The CPU's ISA flags from /proc/cpuinfo (Linux); empty where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags") or line.startswith("Features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _torch_cpu_check(name: str) -> Optional[bool]:
+    check = getattr(torch.cpu, name, None)
+    if check is None:
+        return None
+    try:
+        return bool(check())
+    except Exception:  # a probe that fails means "unknown", not an error
+        return None
+
+
+def cpu_capabilities() -> Dict[str, bool]:
+    """avx2 / avx512f / avx512_bf16 / amx_bf16 as torch sees them (falling back to /proc/cpuinfo)."""
+    flags = cpu_flags()
+    torch_view = {
+        "avx2": _torch_cpu_check("_is_avx2_supported"),
+        "avx512f": _torch_cpu_check("_is_avx512_supported"),
+        "avx512_bf16": _torch_cpu_check("_is_avx512_bf16_supported"),
+        "amx_bf16": _torch_cpu_check("_is_amx_tile_supported"),
+    }
+    return {name: bool(flags and name in flags) if seen is None else seen for name, seen in torch_view.items()}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX) and oneDNN can use it."""
+    caps = cpu_capabilities()
+    if not (caps["avx512_bf16"] or caps["amx_bf16"]):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _device(device: DeviceLike) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def autocast_dtype(device: DeviceLike) -> Optional[torch.dtype]:
+    """The reduced precision worth using on ``device``, or None for plain fp32.
+
+    CUDA: bf16 where supported, else fp16. CPU: bf16 only with AVX512-BF16 or AMX (emulated bf16
+    is slower than fp32), unless ``MMCAFNET_CPU_BF16`` says otherwise.
+    """
+    dev = _device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type != "cpu":
+        return None
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced == "0":
+        return None
+    if forced == "1":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: DeviceLike, dtype: Optional[torch.dtype] = None, enabled: bool = True) -> ContextManager[Any]:
+    """Autocast context for ``device`` with ``dtype`` (default :func:`autocast_dtype`); a no-op when
+    disabled or when fp32 is the better choice."""
+    dev = _device(device)
+    chosen = dtype if dtype is not None else autocast_dtype(dev)
+    if not enabled or chosen is None or chosen == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm folding
+# ---------------------------------------------------------------------------------------------
+
+
+def _fold_conv_bn(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> nn.Conv3d:
+    """A convolution computing ``bn(conv(x))`` with eval-mode statistics, in one pass."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused = nn.Conv3d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=True,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1, 1))
+        fused.bias.copy_((bias - bn.running_mean) * scale + shift)
+    fused.requires_grad_(conv.weight.requires_grad)
+    return fused
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm3d that directly follows a convolution into it, in place; returns the count.
+
+    Only blocks known to compute ``norm(conv(x))`` are touched (ConvNorm3d with a BatchNorm, the
+    UCB's depthwise convolution + norm); GroupNorm and the BatchNorm on the backbone's levels
+    (which follows an activation) are left as they are. The model must be in eval mode: a folded
+    model no longer updates statistics, so it is for inference only.
+    """
+    from MMCAFNetLib.models.layers import ConvNorm3d
+    from MMCAFNetLib.models.pyramid import UCB
+
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode (call model.eval() first); folding is for inference")
+    folded = 0
+    for module in model.modules():
+        if isinstance(module, ConvNorm3d):
+            pair = ("conv", "norm")
+        elif isinstance(module, UCB):
+            pair = ("dwconv", "norm")
+        else:
+            continue
+        conv, norm = getattr(module, pair[0]), getattr(module, pair[1])
+        if isinstance(conv, nn.Conv3d) and isinstance(norm, nn.BatchNorm3d):
+            setattr(module, pair[0], _fold_conv_bn(conv, norm))
+            setattr(module, pair[1], nn.Identity())
+            folded += 1
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------------------------
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    device: DeviceLike = None,
+    fold_bn: bool = True,
+    channels_last: Optional[bool] = None,
+) -> nn.Module:
+    """Make ``model`` ready for fast inference on ``device``, in place, and return it.
+
+    eval mode, gradients off, BatchNorm folded into the preceding convolutions (``fold_bn``),
+    parameters on ``device``, and channels_last_3d memory layout when ``channels_last`` (default:
+    only on CUDA, where the benchmark shows it pays; on CPU it does not). The chosen layout is
+    remembered on the model (``model.mmcafnet_channels_last``) so :func:`prepare_image` can match
+    it. Outputs equal the plain model's within float rounding (fp32: 1e-4 relative).
+    """
+    dev = _device(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if fold_bn:
+        fold_batchnorm(model)
+    model.to(dev)
+    use_cl = (dev.type == "cuda") if channels_last is None else bool(channels_last)
+    if use_cl:
+        model.to(memory_format=torch.channels_last_3d)
+    model.mmcafnet_channels_last = use_cl  # type: ignore[assignment]
+    model.mmcafnet_optimized_for = str(dev)  # type: ignore[assignment]
+    return model
+
+
+def prepare_image(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The image batch in the memory layout the optimised model was set up for."""
+    if getattr(model, "mmcafnet_channels_last", False) and image.dim() == 5:
+        return image.contiguous(memory_format=torch.channels_last_3d)
+    return image
+
+
+def inference_settings(device: DeviceLike = None) -> Dict[str, Any]:
+    """What :func:`optimize_for_inference` and :func:`autocast` choose on ``device`` (for reports)."""
+    dev = _device(device)
+    dtype = autocast_dtype(dev)
+    return {
+        "device": str(dev),
+        "autocast_dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+        "fold_batchnorm": True,
+        "channels_last_3d": dev.type == "cuda",
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_capabilities() if dev.type == "cpu" else None,
+    }
