@@ -437,8 +437,9 @@ def _t_stage(diameter_mm: float, kind: str, rng: np.random.Generator) -> Any:
         return 4
     if kind in ("B", "G") and rng.random() < 0.15:
         return 4 if rng.random() < 0.5 else 3  # invasion of the mediastinum: T4 whatever the size
-    if rng.random() < 0.3:
-        return int(fine[0])  # coarse staging, written as an integer cell
+    # coarse staging, written as an integer cell: common for T2 in the real sheet, rare for T1
+    if rng.random() < (0.5 if fine.startswith("2") else 0.02):
+        return int(fine[0])
     return fine
 
 
