@@ -198,6 +198,7 @@ def model_path(entry: ModelEntry, models_dir: str | os.PathLike | None = None) -
                 f"model {entry.title!r} is not downloaded yet; press Download (it fetches {entry.url}) "
                 "or add the file with 'Add model from file'"
             )
+        verify_file(entry, path)  # a file changed on disk after its checked download is not used
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} is missing; reinstall the extension or re-add the model")
     return path
