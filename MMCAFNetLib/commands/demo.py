@@ -60,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     written = write_outputs(result, case.volume, out, input_path=f"synthetic case {case.patient_id} (seed {args.seed})",
-                            case_id=case.patient_id, record=predictor.schema.validate_record(case.record))
+                            case_id=case.patient_id, record=predictor.schema.validate_record(case.record),
+                            preview_box_ras=case.lesion_box_ras)
     probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.class_names, result.probabilities))
     print(f"synthetic case {case.patient_id}: true class {label} ({_label(label)}), "
           f"lesion {case.lesion_diameter_mm:.0f} mm at RAS {tuple(round(v, 1) for v in case.lesion_center_ras)}")
     print(f"predicted: {result.predicted_label} ({result.predicted_class}), p = {result.probability:.3f}  [{probs}]"
           f"  -> {'correct' if result.predicted_class == label else 'wrong'}")
-    print(f"model: {predictor.info['model_id']} (demo model, synthetic data only: not for clinical use)")
+    note = "demo model, synthetic data only: not for clinical use" if predictor.is_demo else "not a demo model"
+    print(f"model: {predictor.info['model_id']} ({note})")
     print(f"{len(result.windows)} window(s) in {time.perf_counter() - t0:.1f} s; files:")
     for name in sorted(written):
         print(f"  {written[name]}")

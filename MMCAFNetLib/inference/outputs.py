@@ -99,11 +99,13 @@ def write_outputs(
     case_id: Optional[str] = None,
     record: Optional[dict[str, Any]] = None,
     preview: bool = True,
+    preview_box_ras: Optional[Any] = None,
 ) -> dict[str, Path]:
     """Write the four files for one case into ``out_dir``; returns {file name: final path}.
 
     heatmap.nrrd and labelmap.nrrd carry the input CT's exact geometry; without a heatmap they are
-    not written (and neither is an older copy left behind in ``out_dir``).
+    not written (and neither is an older copy left behind in ``out_dir``). ``preview_box_ras``
+    draws another box than the lesion guidance on the preview (the demo draws the true lesion).
     """
     from MMCAFNetLib.preview import render_preview
     from MMCAFNetLib.volume import write_volume
@@ -127,7 +129,7 @@ def write_outputs(
             title = f"{result.predicted_label} ({result.predicted_class})  p = {result.probability:.2f}"
             if result.model.get("demo"):
                 title += "   DEMO model, synthetic data, not for clinical use"
-            box = result.model.get("lesion_box_ras")
+            box = preview_box_ras if preview_box_ras is not None else result.model.get("lesion_box_ras")
             render_preview(ct, tmp / "preview.png", heatmap=result.heatmap, lesion_box_ras=box, title=title)
         written = sorted(p.name for p in tmp.iterdir())
         return _publish(tmp, out_dir, written)
