@@ -1,0 +1,159 @@
+"""The optimised inference paths give the plain paths' results.
+
+fp32 paths (folded BatchNorm, channels_last_3d): logits and attention maps within 1e-4 relative;
+bf16 autocast: probabilities within 0.01. Models carry random weights and random BatchNorm
+statistics, so folding has real work to do.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from MMCAFNetLib import optimize as opt
+from MMCAFNetLib.models import create_model
+from MMCAFNetLib.models.layers import ConvNorm3d
+from MMCAFNetLib.models.pyramid import UCB
+
+WINDOW = (8, 32, 32)
+
+
+def random_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(name)
+    gen = torch.Generator().manual_seed(seed + 100)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.2)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+            with torch.no_grad():
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+    return model.eval()
+
+
+def inputs(batch: int = 2, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 1, *WINDOW, generator=gen) - 0.3, torch.randn(batch, 7, generator=gen)
+
+
+def max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def lite_pair():
+    plain = random_model("mmcafnet-lite")
+    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu")
+    return plain, optimised
+
+
+def test_folding_removes_the_batchnorms_after_convolutions(lite_pair):
+    plain, optimised = lite_pair
+    before = sum(isinstance(m, nn.BatchNorm3d) for m in plain.modules())
+    after = sum(isinstance(m, nn.BatchNorm3d) for m in optimised.modules())
+    blocks = [m for m in optimised.modules() if isinstance(m, (ConvNorm3d, UCB))]
+    batch_blocks = [m for m in plain.modules() if isinstance(m, (ConvNorm3d, UCB)) and isinstance(m.norm, nn.BatchNorm3d)]
+    assert batch_blocks, "the model should have conv + BatchNorm blocks to fold"
+    assert after == before - len(batch_blocks)
+    assert all(not isinstance(m.norm, nn.BatchNorm3d) for m in blocks)
+    assert not any(p.requires_grad for p in optimised.parameters())
+    assert not optimised.training
+
+
+@pytest.mark.parametrize("name", ["mmcafnet-lite", "mmcafnet"])
+def test_folded_fp32_matches_plain(name):
+    plain = random_model(name)
+    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu", channels_last=False)
+    image, clinical = inputs()
+    with torch.no_grad():
+        expected = plain(image, clinical)
+    with torch.inference_mode():
+        got = optimised(opt.prepare_image(optimised, image), clinical)
+    assert max_relative(got.logits, expected.logits) < 1e-4
+    assert len(got.attention) == len(expected.attention) == 3
+    for a, b in zip(got.attention, expected.attention):
+        assert max_relative(a, b) < 1e-4
+    assert max_relative(got.features, expected.features) < 1e-4
+
+
+def test_channels_last_fp32_matches_plain(lite_pair):
+    plain, _ = lite_pair
+    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu", channels_last=True)
+    image, clinical = inputs()
+    prepared = opt.prepare_image(optimised, image)
+    assert prepared.is_contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = plain(image, clinical)
+    with torch.inference_mode():
+        got = optimised(prepared, clinical)
+    assert max_relative(got.logits, expected.logits) < 1e-4
+    for a, b in zip(got.attention, expected.attention):
+        assert max_relative(a, b) < 1e-4
+
+
+def test_bf16_autocast_probabilities_within_one_percent(lite_pair):
+    plain, optimised = lite_pair
+    image, clinical = inputs(batch=4, seed=3)
+    with torch.no_grad():
+        expected = plain(image, clinical)
+    try:
+        with torch.inference_mode(), opt.autocast("cpu", dtype=torch.bfloat16):
+            got = optimised(image, clinical)
+    except RuntimeError as exc:  # a torch build without CPU bf16 kernels
+        pytest.skip(f"bf16 autocast is not supported by this torch on this CPU: {exc}")
+    p_expected = torch.sigmoid(expected.logits.float())
+    p_got = torch.sigmoid(got.logits.float())
+    # the check means something only if the probabilities are not all saturated
+    assert bool(((p_expected > 0.02) & (p_expected < 0.98)).any())
+    assert float((p_got - p_expected).abs().max()) < 0.01
+    for a, b in zip(got.attention, expected.attention):
+        assert float((a.float() - b).abs().max()) < 0.02
+
+
+def test_fold_refuses_a_training_model():
+    model = create_model("mmcafnet-lite")
+    with pytest.raises(ValueError, match="eval mode"):
+        opt.fold_batchnorm(model.train())
+
+
+def test_folded_conv_equals_conv_then_batchnorm_with_bias_and_groups():
+    gen = torch.Generator().manual_seed(5)
+    conv = nn.Conv3d(8, 8, 3, padding=1, groups=4, bias=True)
+    bn = nn.BatchNorm3d(8).eval()
+    bn.running_mean.copy_(torch.randn(8, generator=gen))
+    bn.running_var.copy_(torch.rand(8, generator=gen) + 0.1)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(8, generator=gen))
+        bn.bias.copy_(torch.randn(8, generator=gen))
+    fused = opt._fold_conv_bn(conv, bn)
+    x = torch.randn(2, 8, 5, 6, 7, generator=gen)
+    with torch.no_grad():
+        assert max_relative(fused(x), bn(conv(x))) < 1e-5
+
+
+def test_autocast_choice_follows_the_hardware_and_the_override(monkeypatch):
+    monkeypatch.delenv(opt.CPU_BF16_ENV, raising=False)
+    expected = torch.bfloat16 if opt.cpu_has_fast_bf16() else None
+    assert opt.autocast_dtype("cpu") == expected
+    monkeypatch.setenv(opt.CPU_BF16_ENV, "0")
+    assert opt.autocast_dtype("cpu") is None
+    assert isinstance(opt.autocast("cpu"), type(__import__("contextlib").nullcontext()))
+    monkeypatch.setenv(opt.CPU_BF16_ENV, "1")
+    assert opt.autocast_dtype("cpu") == torch.bfloat16
+    with opt.autocast("cpu"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+def test_capabilities_agree_with_proc_cpuinfo():
+    flags = opt.cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    caps = opt.cpu_capabilities()
+    for name in ("avx2", "avx512f", "avx512_bf16"):
+        assert caps[name] == (name in flags), name
+    assert caps["amx_bf16"] == ("amx_tile" in flags and "amx_bf16" in flags) or caps["amx_bf16"] == ("amx_tile" in flags)
