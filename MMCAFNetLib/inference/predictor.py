@@ -116,9 +116,9 @@ class Predictor:
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise ckpt.CheckpointError(f"{path}: the weights do not fit model {payload['model_name']!r} ({first})") from None
-        model.eval().to(dev)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        from MMCAFNetLib.optimize import optimize_for_inference
+
+        model = optimize_for_inference(model, dev)  # eval, no gradients, BatchNorm folded (docs/performance.md)
         predictor = cls(payload, model, dev, source=str(path))
         predictor.payload["sha256"] = file_sha256(path)
         return predictor
@@ -284,10 +284,10 @@ class Predictor:
         return np.asarray(self.schema.encode(record), dtype=np.float32).reshape(1, -1), warnings
 
     def _forward(self, image: torch.Tensor, clinical: torch.Tensor):
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.model(image, clinical)
-        return self.model(image, clinical)
+        from MMCAFNetLib.optimize import autocast, prepare_image
+
+        with autocast(self.device):  # bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32
+            return self.model(prepare_image(self.model, image), clinical)
 
     def _probabilities(self, logits: torch.Tensor) -> np.ndarray:
         logits = logits.float()
