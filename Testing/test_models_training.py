@@ -72,8 +72,6 @@ def test_staged_protocol_freezing():
     model.train()
     assert parts["image_encoder"].training
     assert trainable_parameters(model) == sum(p.numel() for p in model.parameters())
-    backward(model, seed=2)
-    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_stage_three_trains_about_six_thousand_parameters():
