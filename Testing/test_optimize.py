@@ -157,3 +157,43 @@ def test_capabilities_agree_with_proc_cpuinfo():
     for name in ("avx2", "avx512f", "avx512_bf16"):
         assert caps[name] == (name in flags), name
     assert caps["amx_bf16"] == ("amx_tile" in flags and "amx_bf16" in flags) or caps["amx_bf16"] == ("amx_tile" in flags)
+
+
+def test_predictor_default_path_matches_the_plain_model(tmp_path, monkeypatch):
+    """Predictor.load optimises the model; in fp32 its classification equals the plain model's."""
+    import numpy as np
+    import pandas as pd
+
+    from MMCAFNetLib import checkpoint as ckpt
+    from MMCAFNetLib.ehr import default_schema
+    from MMCAFNetLib.inference import Predictor
+    from MMCAFNetLib.preset import Preset
+    from MMCAFNetLib.volume import Volume, make_ijk_to_ras
+
+    rows = [
+        {"sex": "M", "age": 63, "weight": 72, "t_stage": "2", "n_stage": "1", "m_stage": "0", "smoking": "yes"},
+        {"sex": "F", "age": 50, "weight": 58, "t_stage": "1", "n_stage": "0", "m_stage": "1", "smoking": "no"},
+    ]
+    schema = default_schema().fit(pd.DataFrame(rows))
+    plain = random_model("mmcafnet-lite")
+    preset = Preset(name="small", spacing=(2.0, 2.0, 2.0), window=WINDOW, hu_range=(-1000.0, 400.0), mean=0.3)
+    path = tmp_path / "lite.pt"
+    ckpt.save_checkpoint(
+        {"format_version": ckpt.FORMAT_VERSION, "model_name": "mmcafnet-lite", "model_config": plain.config.to_dict(),
+         "class_names": ["A", "G"], "task": "AG", "state_dict": plain.state_dict(), "schema": schema.to_dict(),
+         "preset": preset.to_dict(), "threshold": 0.5, "provenance": {}, "metrics": {}, "demo": True},
+        path,
+    )
+    monkeypatch.setenv(opt.CPU_BF16_ENV, "0")  # compare the fp32 paths exactly
+    predictor = Predictor.load(path, device="cpu")
+    assert not any(isinstance(getattr(m, "norm", None), nn.BatchNorm3d) for m in predictor.model.modules()
+                   if isinstance(m, (ConvNorm3d, UCB)))
+    rng = np.random.default_rng(0)
+    array = (rng.normal(-300, 300, size=(20, 48, 48))).astype(np.float32)
+    volume = Volume(array, make_ijk_to_ras((2.0, 2.0, 2.0)), {"modality": "CT"})
+    point = volume.ijk_to_ras_points(np.array([[24.0, 24.0, 10.0]]))[0]
+    optimised = predictor.classify(volume, rows[0], lesion=point, heatmap="attention")
+    predictor.model = plain  # the same weights without any optimisation
+    reference = predictor.classify(volume, rows[0], lesion=point, heatmap="attention")
+    np.testing.assert_allclose(optimised.probabilities, reference.probabilities, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(optimised.heatmap.array, reference.heatmap.array, rtol=1e-4, atol=1e-4)

@@ -486,10 +486,9 @@ def w4_io(cfg: Dict[str, Any], device: str = "cpu") -> List[Row]:
     import SimpleITK as sitk
 
     from MMCAFNetLib import heatmap as hm
-    from MMCAFNetLib.inference.predictor import _windows_module
+    from MMCAFNetLib import windows as win
     from MMCAFNetLib.volume import read_volume, resample_to_grid
 
-    win = _windows_module()
     ct, _ = phantom_ct(cfg["ct_shape"], cfg["ct_spacing"])
     preset = bench_preset(cfg)
     rows: List[Row] = []
@@ -596,10 +595,9 @@ def _w5_model(name: str, cfg: Dict[str, Any], device: str) -> List[Row]:
 
 def w5_loader(cfg: Dict[str, Any]) -> List[Row]:
     """The training data loader over prepared, in-memory patient crops (the trainer's cache)."""
-    from MMCAFNetLib.inference.predictor import _windows_module
+    from MMCAFNetLib import windows as win
     from MMCAFNetLib.train.data import LesionWindowDataset, PatientWindows, collate
 
-    win = _windows_module()
     preset = bench_preset(cfg)
     shape = tuple(max(s // 2, 8) for s in cfg["ct_shape"])  # a smaller CT per patient keeps set-up short
     patients = []
