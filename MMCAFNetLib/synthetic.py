@@ -40,6 +40,10 @@ is reliable for 55 % of patients and the record alone for 55 %, but for 90 % at 
 is; a model that learns *which* modality to trust (an indeterminate nodule says "look at the
 record") beats either modality alone. See docs/synthetic.md.
 
+Annotations: one LabelImg VOC file per slice carrying the lesion, named by that slice's
+SOPInstanceUID; ``xmin/ymin/xmax/ymax`` are the 0-based column/row indices of the first and last
+lesion pixel (inclusive). Their union is the truth box; spiculae and lymph nodes are outside it.
+
 Determinism: every patient's random stream is seeded from (seed, class letter, patient number), so
 a patient is identical whatever the cohort size, and the same seed writes byte-identical files
 (UIDs come from ``generate_uid`` with entropy derived from the seed).
