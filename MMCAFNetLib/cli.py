@@ -68,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as exc:
         print(f"mmcafnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # full disk, file too large, permissions: files are written atomically
+        print(
+            f"mmcafnet {args.command}: error: could not write or read a file ({exc}); files written before "
+            "are left as they were",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
