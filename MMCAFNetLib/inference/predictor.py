@@ -25,6 +25,7 @@ import torch
 
 from MMCAFNetLib import checkpoint as ckpt
 from MMCAFNetLib import heatmap as hm
+from MMCAFNetLib import memory_guard
 from MMCAFNetLib.preset import Preset, get_preset
 from MMCAFNetLib.results import CLASS_LABELS, Cancelled, Classification, WindowResult
 from MMCAFNetLib.volume import Volume
@@ -183,6 +184,8 @@ class Predictor:
         box_ras = lesion_box_ras(volume, lesion)
 
         t = time.perf_counter()
+        if box_ras is None:  # a whole-volume scan: refuse early when it cannot fit in memory
+            memory_guard.check_whole_volume_scan(self, volume, batch_size, heatmap)
         prepared = win.prepare_volume(volume, self.preset)
         timings["prepare_s"] = time.perf_counter() - t
 
@@ -211,7 +214,7 @@ class Predictor:
             cut = [win.cut_window(prepared, c, self.preset) for c in centers[b0 : b0 + bs]]
             image = torch.from_numpy(np.stack([w.array for w in cut]).astype(np.float32, copy=False))[:, None]
             clin = torch.from_numpy(np.repeat(clinical, len(cut), axis=0))
-            probs, maps = self._run_batch(image, clin, heatmap)
+            probs, maps = memory_guard.run_batch_with_fallback(self, image, clin, heatmap, warnings)
             probs_all.append(probs)
             if maps is not None:
                 maps_all.extend(maps)
