@@ -154,10 +154,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker:
         return _worker(args.worker, args.quick, models, args.worker_out)
 
+    keys = _parse_only(args.only)
     sys.path.insert(0, str(HERE))
     from measure import describe_machine, load_average
 
-    keys = _parse_only(args.only)
     machine = describe_machine()
     print(format_machine(machine), flush=True)
     rows: List[Dict[str, Any]] = []
