@@ -211,6 +211,7 @@ class ClassificationLogic:
         self._predictors: dict[tuple[str, str], Any] = {}
         self._cache_lock = threading.Lock()
         self._job: Optional[ClassificationJob] = None
+        self._start_lock = threading.Lock()
 
     # -- models ---------------------------------------------------------------------------------
     @staticmethod
@@ -267,17 +268,18 @@ class ClassificationLogic:
         ``lesion`` is a markups point / ROI / segmentation node, or already plain data (point,
         box, mask Volume), or None. Raises JobBusyError while another job runs.
         """
-        if self.busy:
-            raise JobBusyError(
-                "a classification is already running; wait for it or press Cancel before starting another"
-            )
-        options = options or ClassificationOptions()
-        volume = scene.volume_from_node(ct_node)
-        if lesion is not None and hasattr(lesion, "IsA"):
-            lesion = scene.lesion_from_node(lesion, ct_node)
-        job = ClassificationJob(self, ct_node, volume, clean_record(record or {}), lesion, options)
-        self._job = job
-        job._start()
+        with self._start_lock:  # two starts at once (threads, console scripts): one runs, the other is refused
+            if self.busy:
+                raise JobBusyError(
+                    "a classification is already running; wait for it or press Cancel before starting another"
+                )
+            options = options or ClassificationOptions()
+            volume = scene.volume_from_node(ct_node)
+            if lesion is not None and hasattr(lesion, "IsA"):
+                lesion = scene.lesion_from_node(lesion, ct_node)
+            job = ClassificationJob(self, ct_node, volume, clean_record(record or {}), lesion, options)
+            self._job = job
+            job._start()
         return job
 
     def _job_over(self, job: ClassificationJob) -> None:
