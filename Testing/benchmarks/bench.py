@@ -68,12 +68,13 @@ def run_in_subprocess(key: str, quick: bool, models: Optional[List[str]], timeou
             cmd += ["--models", ",".join(models)]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            # the worker's stderr (progress, tracebacks) goes straight to ours
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"rows": [{"workload": key, "case": "-", "variant": "failed", "error": f"timed out after {timeout} s"}]}
         if proc.returncode != 0 or not os.path.exists(out):
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-            return {"rows": [{"workload": key, "case": "-", "variant": "failed", "error": "\n".join(tail)}],
+            return {"rows": [{"workload": key, "case": "-", "variant": "failed",
+                              "error": f"worker exited with status {proc.returncode} (traceback above)"}],
                     "wall_s": time.perf_counter() - start}
         with open(out, encoding="utf-8") as fh:
             return json.load(fh)

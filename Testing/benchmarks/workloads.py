@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -199,6 +200,7 @@ def _row(workload: str, case: str, variant: str, stats: Dict[str, Any], **extra:
     row = {"workload": workload, "case": case, "variant": variant}
     row.update(stats)
     row.update(extra)
+    print(f"  {workload} {case} | {variant}: {stats.get('median_s', float('nan')):.4f} s", file=sys.stderr, flush=True)
     return row
 
 
