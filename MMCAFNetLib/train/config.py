@@ -64,6 +64,7 @@ class TrainConfig:
     # execution
     seed: int = 0
     device: str = "auto"
+    num_threads: int = 0  # CPU threads for torch (0 = torch's default); 1 helps on oversubscribed machines
     amp: bool = True  # bf16 autocast on CUDA where supported, fp16 with a scaler otherwise
     channels_last: bool = True  # channels_last_3d on CUDA
     batchnorm: str = "auto"  # "auto" (sync under CUDA DDP) | "train" | "sync" | "frozen"

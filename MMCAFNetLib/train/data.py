@@ -79,6 +79,19 @@ def lesion_size_mm(row) -> float:
 
 
 # ----------------------------------------------------------------------------- windows
+def windows_module():
+    """``MMCAFNetLib.windows``; while it is absent, the Predictor's stand-in with the same four
+    functions, so training and inference always cut windows the same way."""
+    import importlib
+
+    try:
+        return importlib.import_module("MMCAFNetLib.windows")
+    except ModuleNotFoundError as exc:
+        if exc.name != "MMCAFNetLib.windows":
+            raise
+        return importlib.import_module("MMCAFNetLib.inference.windows_fallback")
+
+
 def _box_in_grid(volume: Volume, row) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """The row's RAS box as inclusive (k, j, i) index ranges of ``volume``'s grid (clipped)."""
     lo = np.array([float(row[c]) for c in BOX_RAS[:3]])
@@ -123,8 +136,9 @@ class PatientWindows:
 
 
 def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical: np.ndarray, label: int) -> PatientWindows:
-    from MMCAFNetLib import windows as win
     from MMCAFNetLib.volume import read_volume
+
+    win = windows_module()
 
     uid = row.get("series_uid") if hasattr(row, "get") else None
     volume = read_volume(row["series_path"], series_uid=uid if isinstance(uid, str) and uid else None)
@@ -189,8 +203,7 @@ class LesionWindowDataset(Dataset):
         return len(self.items)
 
     def _window(self, pw: PatientWindows, center, rng: Optional[np.random.Generator]) -> np.ndarray:
-        from MMCAFNetLib import windows as win
-
+        win = windows_module()
         center = np.array(center)
         if rng is not None:
             shift_inplane = np.array(self.preset.window[1:]) // 8

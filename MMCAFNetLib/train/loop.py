@@ -255,6 +255,8 @@ class Trainer:
         from MMCAFNetLib.preset import get_preset
 
         config = self.config
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
         seed_everything(config.seed)
         self.schema = default_schema().fit(self.train_df)
         self.preset = get_preset(config.preset)
@@ -349,7 +351,7 @@ class Trainer:
                 "seed": config.seed,
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "library_version": __version__,
-                "torch_version": torch.__version__,
+                "torch_version": str(torch.__version__),
                 "command": self.command,
                 "recipe": config.recipe,
                 "stage": config.stage,

@@ -18,9 +18,10 @@ run with AdamW (lr 3e-4, weight decay 0.05: adaptive steps cope with the very di
 scales of the KAN, the fusion and the 3D convolutions, which plain SGD at 1e-4 trains very
 slowly), cosine decay after a 5 % warm-up, class-balanced sampling (Lung-PET-CT-Dx has about
 four adenocarcinomas per squamous carcinoma, and the 4-class task has rare classes), focal loss
-for the binary task and cross-entropy with label smoothing 0.1 for four classes (calibrated,
-less over-confident probabilities), gradient clipping at 1.0, augmentation, 30 epochs with early
-stopping after 10 epochs without a better validation AUROC. Freezing most of the network as in
+(gamma 2: the paper's emphasis on hard cases; sigmoid for the binary task, softmax for four
+classes) with label smoothing 0.1 (less over-confident, better calibrated probabilities),
+gradient clipping at 1.0, augmentation, 30 epochs with early stopping after 10 epochs without a
+better validation AUROC. Freezing most of the network as in
 stage 3 leaves about 6.6 k trainable parameters and lets the image encoder never see the clinical
 context; end-to-end training lets each modality adapt to the other.
 """

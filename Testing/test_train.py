@@ -1,0 +1,201 @@
+"""Training on a tiny synthetic cohort: the loss falls, a resumed run equals an uninterrupted one,
+checkpoints load with weights_only=True, the threshold comes from validation data, and the
+evaluate command reports at that threshold."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+synthetic = pytest.importorskip("MMCAFNetLib.synthetic", reason="the synthetic cohort writer is not available")
+
+from MMCAFNetLib.checkpoint import REQUIRED_KEYS, load_checkpoint  # noqa: E402
+from MMCAFNetLib.cli import main as cli_main  # noqa: E402
+from MMCAFNetLib.evaluate.metrics import binary_metrics, roc_auc, select_threshold  # noqa: E402
+from MMCAFNetLib.train.config import resolve_config  # noqa: E402
+
+#: The smallest sensible network: every stage one block of a few channels, no stochastic layers.
+TINY_MODEL = {
+    "stem_channels": 8,
+    "stage_channels": [16, 32, 64],
+    "stage_blocks": [1, 1, 1],
+    "cardinality": 4,
+    "se_reduction": 4,
+    "cab_reduction": 4,
+}
+TINY_PRESET = {"name": "tiny", "spacing": [4.0, 4.0, 4.0], "window": [8, 32, 32], "hu_range": [-1000.0, 400.0], "mean": 0.3}
+
+
+def tiny_cohort(tmp_path_factory) -> Path:
+    """12 synthetic patients (8 A, 4 G) at 64 px, indexed; 4 of them validation. Built once per session."""
+    from MMCAFNetLib.dataset import index_download, write_cohort
+
+    base = tmp_path_factory.getbasetemp() / "tiny-train-cohort"
+    table = base / "cohort.csv"
+    if not table.is_file():
+        written = synthetic.write_cohort(base / "data", patients=12, seed=3, size=64, classes="A,G", extra_series=False)
+        result = index_download(written.root, seed=0, test_fraction=0.0, val_fraction=0.34)
+        write_cohort(result.cohort, table)
+    return table
+
+
+def tiny_config(**overrides):
+    settings = {
+        "model": "mmcafnet-lite",
+        "model_overrides": dict(TINY_MODEL),
+        "preset": dict(TINY_PRESET),
+        "epochs": 2,
+        "batch_size": 4,
+        "progress": False,
+        "seed": 11,
+    }
+    settings.update(overrides)
+    return resolve_config("default", None, None, settings)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return tiny_cohort(tmp_path_factory)
+
+
+def _training_loss(state_dict, config, cohort_path) -> float:
+    """Mean loss of a model over every lesion window of the training patients (eval mode, no augmentation)."""
+    from MMCAFNetLib.ehr import default_schema
+    from MMCAFNetLib.preset import get_preset
+    from MMCAFNetLib.train import data
+    from MMCAFNetLib.train.losses import build_loss
+
+    df = data.load_cohort(cohort_path)
+    train_df, _ = data.split_cohort(df, config)
+    schema = default_schema().fit(train_df)
+    dataset = data.build_dataset(train_df, config, schema, get_preset(config.preset), train=False)
+    name, kwargs = data.model_identity(config, schema.num_features)
+    model = data.build_model(name, kwargs)
+    model.load_state_dict(state_dict)
+    model.eval()
+    batch = data.collate([dataset[i] for i in range(len(dataset))])
+    loss = build_loss(config.loss, 1, config.focal_gamma, None, 0.0)
+    with torch.no_grad():
+        return float(loss(model(batch["image"], batch["clinical"]).logits, batch["label"]))
+
+
+def test_two_epochs_lower_the_training_loss(cohort, tmp_path):
+    from MMCAFNetLib.train import data
+    from MMCAFNetLib.train.loop import seed_everything, train
+
+    config = tiny_config(lr=2e-3, windows_per_patient=3, label_smoothing=0.0, augment=False)
+    summary = train(config, cohort, tmp_path / "run")
+    assert summary["epochs_completed"] == 2
+    # the initial weights: the run seeds right before building the model
+    seed_everything(config.seed)
+    name, kwargs = data.model_identity(config, 7)
+    initial = data.build_model(name, kwargs).state_dict()
+    final = load_checkpoint(tmp_path / "run" / "last.pt")["state_dict"]
+    before, after = _training_loss(initial, config, cohort), _training_loss(final, config, cohort)
+    assert after < before, (before, after)
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log)
+    assert (tmp_path / "run" / "log.csv").read_text().splitlines()[0].startswith("epoch,train_loss")
+
+
+def test_checkpoint_contents_and_validation_threshold(cohort, tmp_path):
+    from MMCAFNetLib.train.loop import train
+
+    config = tiny_config(epochs=1, demo=True)
+    train(config, cohort, tmp_path / "run")
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert set(REQUIRED_KEYS) <= set(best)
+    assert best["class_names"] == ["A", "G"] and best["task"] == "AG" and best["demo"] is True
+    assert best["model_config"]["num_classes"] == 1 and best["schema"]["fields"]
+    prov = best["provenance"]
+    assert len(prov["data_fingerprint"]) == 64 and prov["seed"] == 11 and prov["library_version"]
+    # the last checkpoint carries the resumable state and also loads with weights_only=True
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state = last["training_state"]
+    assert {"optimizer", "scheduler", "sampler", "rng"} <= set(state) and state["epoch"] == 1
+    assert isinstance(state["rng"][0]["torch"], torch.Tensor)
+
+    # The threshold is the one select_threshold picks on the VALIDATION patients' scores, which we
+    # recompute here independently with the saved weights.
+    from MMCAFNetLib.evaluate.aggregation import aggregate_by_patient
+    from MMCAFNetLib.evaluate.pipeline import predict_cohort
+    from MMCAFNetLib.train import data
+
+    df = data.load_cohort(cohort)
+    val = df[df["split"] == "val"].reset_index(drop=True)
+    rows = predict_cohort(best, val, torch.device("cpu"), progress=False)
+    ids = [rows[i][0] for i in sorted(rows)]
+    labels = [rows[i][1] for i in sorted(rows)]
+    probs = np.array([rows[i][2][0] for i in sorted(rows)])
+    _, p, y = aggregate_by_patient(ids, probs, labels, "max")
+    assert best["threshold"] == pytest.approx(select_threshold(y, p, "youden"), abs=1e-5)
+    assert best["metrics"]["auroc"] == pytest.approx(roc_auc(y, p), abs=1e-6)
+
+    # evaluate on the training split (the only other split here): metrics at the checkpoint's threshold
+    out = tmp_path / "report"
+    code = cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cohort", str(cohort),
+                     "--split", "train", "--out", str(out), "--bootstrap", "50", "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold"] == pytest.approx(best["threshold"])
+    ys = np.array([0 if r["label"] == "A" else 1 for r in metrics["patients"]])
+    ps = np.array([r["probability"] for r in metrics["patients"]])
+    expected = binary_metrics(ys, ps, best["threshold"])
+    assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    report = (out / "report.md").read_text()
+    assert "| Method | AUROC | ACC | F1 | Spec | Sens | PPV | NPV |" in report and "synthetic" in report
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "calibration.png").stat().st_size > 1000
+    # and the Predictor (Slicer, CLI) loads what training wrote, with the same threshold
+    from MMCAFNetLib.inference import Predictor
+
+    predictor = Predictor.load(tmp_path / "run" / "best.pt", device="cpu")
+    assert predictor.is_demo and predictor.decision_threshold == pytest.approx(best["threshold"])
+
+
+def test_resume_after_stop_equals_uninterrupted_run(cohort, tmp_path):
+    from MMCAFNetLib.train.loop import train
+
+    train(tiny_config(), cohort, tmp_path / "straight")
+    train(tiny_config(stop_after_epochs=1), cohort, tmp_path / "resumed")
+    first = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert first["training_state"]["epoch"] == 1
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_config(), cohort, tmp_path / "resumed")  # refusing to overwrite a run silently
+    assert cli_main(["train", "--cohort", str(cohort), "--out", str(tmp_path / "resumed"), "--resume",
+                     "--no-progress"]) == 0
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["training_state"]["epoch"] == b["training_state"]["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6, rtol=1e-5), key
+    opt_a, opt_b = a["training_state"]["optimizer"]["state"], b["training_state"]["optimizer"]["state"]
+    for k in opt_a:
+        assert torch.allclose(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"], atol=1e-6, rtol=1e-5)
+    assert a["training_state"]["scheduler"]["last_epoch"] == b["training_state"]["scheduler"]["last_epoch"]
+    assert torch.equal(a["training_state"]["rng"][0]["torch"], b["training_state"]["rng"][0]["torch"])
+    assert len(json.loads((tmp_path / "resumed" / "log.json").read_text())) == 2
+
+
+def test_bad_settings_are_refused_clearly(cohort, tmp_path):
+    with pytest.raises(ValueError, match="unknown training setting"):
+        tiny_config(learning_rate=0.1)
+    with pytest.raises(ValueError, match="task"):
+        tiny_config(task="AB")
+    assert cli_main(["train", "--cohort", str(cohort), "--out", str(tmp_path / "x"), "--recipe", "default",
+                     "--stage", "2"]) == 2
+    assert cli_main(["train", "--cohort", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_recipes_resolve_as_documented():
+    paper3 = resolve_config("paper", 3)
+    assert (paper3.optimizer, paper3.lr, paper3.momentum, paper3.dampening, paper3.weight_decay) == (
+        "sgd", 1e-4, 0.9, 0.9, 1e-3)
+    assert (paper3.loss, paper3.focal_gamma, paper3.batch_size, paper3.epochs) == ("focal", 2.0, 4, 50)
+    assert paper3.freeze == ["image_encoder"] and resolve_config("paper", 2).freeze == ["backbone"]
+    default = resolve_config("default")
+    assert default.optimizer == "adamw" and default.balanced_sampling and default.freeze == []
