@@ -247,7 +247,7 @@ from MMCAFNetLib.train.config import resolve_config
 from MMCAFNetLib.train.loop import train
 config = resolve_config("default", None, None, {
     "model": "mmcafnet-lite", "model_overrides": dict(TINY_MODEL), "preset": dict(TINY_PRESET), "epochs": 4,
-    "batch_size": 4, "progress": False, "seed": 5, "patience": 100})
+    "batch_size": 4, "progress": False, "seed": 5, "early_stopping_patience": 100})
 summary = train(config, sys.argv[1], sys.argv[2], resume=sys.argv[3] == "resume")
 print(json.dumps({"epochs_completed": summary.get("epochs_completed")}))
 """
@@ -275,6 +275,8 @@ def _checkpoints_all_load(run: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_training_killed_at_random_moments_resumes_and_completes(tiny_cohort: Path, tmp_path: Path) -> None:
+    """Kill 1: while a checkpoint's temporary file is being written. Kills 2-3: at random moments
+    after a resume. After each kill every checkpoint on disk loads; the last run completes."""
     run = tmp_path / "run"
     rng = random.Random(8)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -284,33 +286,49 @@ def test_training_killed_at_random_moments_resumes_and_completes(tiny_cohort: Pa
                                  str(Path(__file__).parent)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env)
 
-    kills, mode, seen_last = 0, "fresh", False
-    for _ in range(6):
-        proc = start(mode)
-        deadline = time.monotonic() + rng.uniform(4.0, 14.0)
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)  # polling fast enough to land inside checkpoint writes now and then
-        if proc.poll() is not None:
-            break
+    def kill(proc: subprocess.Popen) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-        kills += 1
-        if (run / "last.pt").exists():
-            seen_last = True
-        _checkpoints_all_load(run)
-        mode = "resume" if (run / "last.pt").exists() else "fresh"
-        if mode == "fresh" and run.exists():  # killed before the first checkpoint: start over
-            import shutil
 
-            shutil.rmtree(run)
-    else:
-        proc = start(mode)
+    def writing_checkpoint() -> bool:
+        return run.is_dir() and any(p.name.endswith(".tmp") and ".pt." in p.name for p in run.iterdir())
+
+    # 1. fresh run, killed the moment a checkpoint is being written (after at least one is complete)
+    proc = start("fresh")
+    end, during_write = time.monotonic() + 400, False
+    while time.monotonic() < end and proc.poll() is None:
+        if (run / "last.pt").exists() and writing_checkpoint():
+            kill(proc)
+            during_write = True
+            break
+        time.sleep(0.002)
+    if not during_write:  # the write was never caught in the act: kill right after the first checkpoint
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        kill(proc)
+    epoch_time = None
+    assert _checkpoints_all_load(run)
+    # 2-3. resumed runs killed at random moments
+    for _ in range(2):
+        before = {p.name: p.stat().st_mtime_ns for p in run.glob("*.pt")}
+        proc = start("resume")
+        t0 = time.monotonic()
+        while proc.poll() is None and {p.name: p.stat().st_mtime_ns for p in run.glob("*.pt")} == before:
+            time.sleep(0.01)
+            assert time.monotonic() - t0 < 400
+        epoch_time = epoch_time or (time.monotonic() - t0)
+        if proc.poll() is not None:
+            break
+        time.sleep(rng.uniform(0.0, epoch_time))
+        if proc.poll() is not None:
+            break
+        kill(proc)
+        _checkpoints_all_load(run)
+    proc = start("resume")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["epochs_completed"] == 4
-    assert kills >= 1 and seen_last, f"the run was never interrupted after a checkpoint (kills {kills})"
     names = _checkpoints_all_load(run)
     assert "last.pt" in names and "best.pt" in names
     history = json.loads((run / "log.json").read_text())
