@@ -329,6 +329,23 @@ def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike) -> li
     return written
 
 
+def _redirect_guard(allow_http: bool):
+    """A redirect handler that refuses a redirect to plain http (or any non-https scheme)."""
+    import urllib.request
+
+    class RefuseDowngrade(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            allowed = ("https://", "http://") if allow_http else ("https://",)
+            if not newurl.lower().startswith(allowed):
+                raise CatalogError(
+                    f"refusing a redirect from {req.full_url} to {newurl}: a download that starts over "
+                    "https must stay on https (allow http explicitly if you trust this server)"
+                )
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return RefuseDowngrade()
+
+
 def download_model(
     entry: ModelEntry,
     models_dir: str | os.PathLike | None = None,
@@ -358,7 +375,8 @@ def download_model(
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=timeout) as response:
+        opener = urllib.request.build_opener(_redirect_guard(allow_http))
+        with os.fdopen(fd, "wb") as out, opener.open(entry.url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
             done = 0
             for block in iter(lambda: response.read(1 << 20), b""):

@@ -273,3 +273,18 @@ def test_network_code_lives_only_in_the_download_function() -> None:
     source = (REPO / "MMCAFNetLib" / "model_catalog.py").read_text(encoding="utf-8")
     body = source.split("def download_model", 1)[1].split("\ndef ", 1)[0]
     assert "urlopen" in body and source.count("urlopen") == body.count("urlopen")
+
+
+def test_redirect_from_https_to_plain_http_is_refused() -> None:
+    import urllib.request
+
+    from MMCAFNetLib.model_catalog import CatalogError, _redirect_guard
+
+    request = urllib.request.Request("https://models.example/m.pt")
+    guard = _redirect_guard(allow_http=False)
+    with pytest.raises(CatalogError, match="must stay on https"):
+        guard.redirect_request(request, None, 302, "Found", {}, "http://models.example/m.pt")
+    with pytest.raises(CatalogError, match="refusing a redirect"):
+        _redirect_guard(allow_http=True).redirect_request(request, None, 302, "Found", {}, "file:///etc/passwd")
+    followed = guard.redirect_request(request, None, 302, "Found", {}, "https://cdn.example/m.pt")
+    assert followed.full_url == "https://cdn.example/m.pt"
