@@ -272,7 +272,9 @@ def test_network_code_lives_only_in_the_download_function() -> None:
     assert offenders == allowed, "network code outside model_catalog: " + "; ".join(set(offenders) - set(allowed))
     source = (REPO / "MMCAFNetLib" / "model_catalog.py").read_text(encoding="utf-8")
     body = source.split("def download_model", 1)[1].split("\ndef ", 1)[0]
-    assert "urlopen" in body and source.count("urlopen") == body.count("urlopen")
+    # The only place a connection is opened: download_model's opener (with the redirect guard).
+    assert "opener.open(entry.url" in body and "urlopen" not in source
+    assert source.count("build_opener") == body.count("build_opener") == 1
 
 
 def test_redirect_from_https_to_plain_http_is_refused() -> None:
