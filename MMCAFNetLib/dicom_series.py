@@ -146,6 +146,12 @@ def read_slice_header(path: str) -> DicomSlice:
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     spacing = _floats(ds.get("PixelSpacing"), 2)
+    raw_slope = ds.get("RescaleSlope")
+    if raw_slope is not None and str(raw_slope).strip() != "":
+        slope_value = _float_or(raw_slope, float("nan"))
+        if not np.isfinite(slope_value) or slope_value == 0:
+            # A damaged slope cannot be guessed: 1 would silently give wrong HU.
+            raise ValueError(f"RescaleSlope {raw_slope!r} is not a usable number, so HU cannot be computed")
     return DicomSlice(
         path=path,
         dataset=ds,

@@ -190,6 +190,11 @@ class ClinicalField:
         if _is_missing(value):
             return None
         if self.kind == "continuous":
+            if isinstance(value, (bool, np.bool_)):
+                raise ClinicalValueError(
+                    f"{self.label} ({self.name}): {value!r} is a yes/no value, not a number; "
+                    f"expected {self.allowed_text()}"
+                )
             try:
                 number = float(normalise_text(value)) if isinstance(value, str) else float(value)
             except (TypeError, ValueError, OverflowError):

@@ -8,7 +8,13 @@ import pickle
 import pytest
 import torch
 
-from MMCAFNetLib.checkpoint import FORMAT_VERSION, REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
+from MMCAFNetLib.checkpoint import (
+    FORMAT_VERSION,
+    REQUIRED_KEYS,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from MMCAFNetLib.preset import DEFAULT, PAPER, Preset, get_preset
 
 

@@ -278,3 +278,22 @@ def test_a_rescale_beyond_float32_is_refused(tmp_path: Path) -> None:
     write_damaged(tmp_path, [("RescaleSlope", 2, "1e308")])
     with pytest.raises(ValueError, match=r"002\.dcm: RescaleSlope 1e\+308"):
         read_volume(tmp_path)
+
+
+def test_a_nan_rescale_slope_is_reported_never_replaced_by_one() -> None:
+    """A damaged slope on one slice: that file is named as unusable; no slice gets a guessed slope."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_damaged(Path(tmp), [("RescaleSlope", 2, "nan")])
+        try:
+            volume = read_volume(tmp)
+        except ValueError as exc:
+            assert "002.dcm" in str(exc) or "RescaleSlope" in str(exc)
+            return
+        assert any("002.dcm" in w and "RescaleSlope" in w for w in volume.meta["warnings"]), volume.meta["warnings"]
+
+
+def test_a_yes_no_value_is_not_an_age() -> None:
+    from MMCAFNetLib.ehr import ClinicalValueError, default_schema
+
+    with pytest.raises(ClinicalValueError, match="age"):
+        default_schema().validate_record({"age": True})
