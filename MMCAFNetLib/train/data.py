@@ -157,6 +157,46 @@ def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical:
     return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row))
 
 
+def cached_patient(row, preset: Preset, jitter, clinical: np.ndarray, label: int,
+                   cache_dir: Optional[str]) -> PatientWindows:
+    """``prepare_patient`` through an on-disk cache of crops (``cache_dir``; None = no cache).
+
+    The key hashes everything the crop depends on (series, lesion box, preset, jitter margin), so a
+    stale entry is never reused; entries are written atomically.
+    """
+    if not cache_dir:
+        return prepare_patient(row, preset, jitter, clinical, label)
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    key_data = {
+        "series_path": str(row["series_path"]), "series_uid": str(row.get("series_uid", "")),
+        "box": [float(row[c]) for c in BOX_RAS], "preset": preset.to_dict(), "jitter": [int(v) for v in jitter],
+        "windows": windows_module().__name__, "version": 1,
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
+    folder = Path(cache_dir)
+    path = folder / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            crop = Volume(z["array"], z["ijk_to_ras"], {})
+            centers = [tuple(int(v) for v in c) for c in z["centers"]]
+        return PatientWindows(crop, centers, clinical, label, str(row["patient_id"]), lesion_size_mm(row))
+    pw = prepare_patient(row, preset, jitter, clinical, label)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, array=pw.crop.array, ijk_to_ras=pw.crop.ijk_to_ras, centers=np.asarray(pw.centers))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return pw
+
+
 def rotate_inplane(window: np.ndarray, degrees: float, fill: float) -> np.ndarray:
     """Rotate every slice of [D, H, W] by ``degrees`` about the slice centre (bilinear, ``fill`` outside)."""
     if not degrees:
@@ -269,7 +309,7 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
 
         iterator = tqdm(rows, desc=f"prepare {'train' if train else 'eval'} CTs", leave=False, dynamic_ncols=True)
     patients = [
-        prepare_patient(row, preset, jitter, clinical[i], classes.index(row["label"]))
+        cached_patient(row, preset, jitter, clinical[i], classes.index(row["label"]), config.cache_dir)
         for i, row in enumerate(iterator)
     ]
     return LesionWindowDataset(patients, preset, train, config.seed, config.windows_per_patient,

@@ -538,15 +538,13 @@ class Trainer:
                     save_checkpoint(payload, self.out_dir / "checkpoints" / f"epoch-{epoch + 1:03d}.pt")
                 save_checkpoint({**payload, "training_state": state}, self.out_dir / LAST)
                 self._write_logs()
-                if not config.progress:
-                    pass
-                else:
-                    print(
-                        f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, val loss "
-                        f"{metrics['loss']:.4f}, val AUROC {metrics.get('auroc', float('nan')):.4f}"
-                        + (" (best)" if improved else ""),
-                        file=sys.stderr,
-                    )
+                print(
+                    f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, val loss "
+                    f"{metrics['loss']:.4f}, val AUROC {metrics.get('auroc', float('nan')):.4f}, "
+                    f"{row['seconds']:.0f} s" + (" (best)" if improved else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
             D.barrier(self.ctx)
             if config.stop_after_epochs is not None and epoch + 1 - start_epoch >= config.stop_after_epochs:
                 stop_reason = "stopped on request"

@@ -1,0 +1,78 @@
+"""Small pieces of training checked by hand: focal loss, the learning-rate schedule, the sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from MMCAFNetLib.train.config import TrainConfig
+from MMCAFNetLib.train.loop import lr_factor, warmup_steps
+from MMCAFNetLib.train.losses import BinaryFocalLoss, MultiClassFocalLoss
+from MMCAFNetLib.train.sampling import EpochSampler
+
+
+def test_binary_focal_loss_by_hand():
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    target = torch.tensor([1, 0, 0])
+    # p = sigmoid(logit); p_t = p for positives, 1 - p for negatives; FL = -(1 - p_t)^2 log p_t
+    p = [0.5, 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))]
+    p_t = [p[0], 1 - p[1], 1 - p[2]]
+    expected = sum(-((1 - q) ** 2) * math.log(q) for q in p_t) / 3
+    assert float(BinaryFocalLoss(gamma=2.0)(logits, target)) == pytest.approx(expected, rel=1e-6)
+    # gamma 0 is binary cross-entropy
+    bce = sum(-math.log(q) for q in p_t) / 3
+    assert float(BinaryFocalLoss(gamma=0.0)(logits, target)) == pytest.approx(bce, rel=1e-6)
+
+
+def test_multiclass_focal_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
+    q = math.exp(2) / (math.exp(2) + 3)  # softmax probability of the true class 0
+    assert float(MultiClassFocalLoss(gamma=2.0)(logits, torch.tensor([0]))) == pytest.approx(
+        -((1 - q) ** 2) * math.log(q), rel=1e-6)
+    assert float(MultiClassFocalLoss(gamma=0.0)(logits, torch.tensor([0]))) == pytest.approx(-math.log(q), rel=1e-6)
+
+
+def test_schedule_warms_up_then_follows_the_cosine():
+    total, warm = 100, 10
+    assert lr_factor(0, total, warm, 0.0) == pytest.approx(0.1)  # (step + 1) / warm-up
+    assert lr_factor(9, total, warm, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, total, warm, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, total, warm, 0.0) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(100, total, warm, 0.01) == pytest.approx(0.01)
+    # the paper's 10,000 warm-up iterations are capped at a tenth of a short run
+    assert warmup_steps(TrainConfig(warmup_iters=10000), 500) == 50
+    assert warmup_steps(TrainConfig(warmup_iters=0, warmup_fraction=0.05), 400) == 20
+
+
+def test_sampler_shards_one_global_order_and_balances_classes():
+    labels = [0] * 9 + [1] * 3
+    single = EpochSampler(labels, seed=4, balanced=True)
+    single.set_epoch(2)
+    order = [i for i, _, _ in single]
+    shards = []
+    for rank in range(2):
+        s = EpochSampler(labels, seed=4, balanced=True, num_replicas=2, rank=rank)
+        s.set_epoch(2)
+        shards.append(list(s))
+    # rank r takes positions r, r + 2, ...: interleaving the shards gives the single-process order
+    merged = [None] * len(order)
+    for rank, shard in enumerate(shards):
+        assert all(position % 2 == rank for _, position, _ in shard)
+        for index, position, epoch in shard:
+            assert epoch == 2
+            merged[position] = index
+    assert merged == order
+    # a new epoch gives a new order; the same epoch the same order
+    assert [i for i, _, _ in single] == order
+    single.set_epoch(3)
+    assert [i for i, _, _ in single] != order
+    # balanced: over many epochs each class is drawn about half of the time (3 of 12 are class 1)
+    drawn = []
+    for epoch in range(200):
+        single.set_epoch(epoch)
+        drawn += [labels[i] for i, _, _ in single]
+    assert sum(drawn) / len(drawn) == pytest.approx(0.5, abs=0.03)
+    plain = EpochSampler(labels, seed=4)
+    assert sorted(i for i, _, _ in plain) == list(range(12))  # a permutation without balancing
