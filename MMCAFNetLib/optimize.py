@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, ContextManager, Dict, Optional, Set, Union
+from typing import Any, ContextManager, Dict, Iterator, Optional, Set, Union
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ DeviceLike = Union[str, torch.device, None]
 
 #: environment variable that overrides the bf16 choice on CPU ("0" off, "1" on)
 CPU_BF16_ENV = "MMCAFNET_CPU_BF16"
+#: environment variable that sets the CPU threads of a forward (default: usable cores - 1)
+THREADS_ENV = "MMCAFNET_THREADS"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,20 +183,87 @@ def fold_batchnorm(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def inference_threads() -> int:
+    """CPU threads for a forward: one core is left free (``MMCAFNET_THREADS`` overrides).
+
+    Why: torch's intra-op threads wait for each other at every operation, so when another process
+    (or Slicer's GUI thread) takes one core, a forward that uses all cores stalls; the benchmark
+    measured ``mmcafnet`` 3x slower with 2 threads than with 1 on a shared 2-core machine.
+    """
+    forced = os.environ.get(THREADS_ENV, "").strip()
+    if forced:
+        try:
+            return max(1, int(forced))
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV} must be a whole number of threads, got {forced!r}") from None
+    return max(1, min(torch.get_num_threads(), usable_cpus() - 1))
+
+
+def _to_dtype(dtype: torch.dtype):
+    def cast_inputs(module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    return cast_inputs
+
+
+def _outputs_to_float(module: nn.Module, args: tuple, output: Any) -> Any:
+    if torch.is_tensor(output):
+        return output.float()
+    if isinstance(output, (list, tuple)):
+        return type(output)(_outputs_to_float(module, args, o) for o in output)
+    return output
+
+
+def run_image_encoder_in(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Keep the image encoder's weights and activations in ``dtype`` (bf16), in place.
+
+    Hooks cast the encoder's input to ``dtype`` and its outputs back to fp32, so the clinical
+    encoder, fusion and head stay in fp32 and callers see fp32 tensors. The 7x7x7 stem on the
+    one-channel CT stays in fp32: oneDNN has no fast bf16 kernel for one input channel (it was 9x
+    slower than fp32). Unlike autocast, nothing is converted back and forth between operations
+    and no weight is re-cast on every call. Returns False when the model has no image encoder.
+    """
+    encoder = getattr(model, "image_encoder", None)
+    if encoder is None:
+        return False
+    encoder.to(dtype)
+    encoder.register_forward_pre_hook(_to_dtype(dtype))
+    encoder.register_forward_hook(_outputs_to_float)
+    stem = getattr(getattr(encoder, "backbone", None), "stem", None)
+    if stem is not None:
+        stem.float()
+        stem.register_forward_pre_hook(_to_dtype(torch.float32))
+        stem.register_forward_hook(lambda module, args, output: output.to(dtype))
+    return True
+
+
 def optimize_for_inference(
     model: nn.Module,
     device: DeviceLike = None,
     fold_bn: bool = True,
     channels_last: Optional[bool] = None,
+    precision: str = "auto",
 ) -> nn.Module:
     """Make ``model`` ready for fast inference on ``device``, in place, and return it.
 
     eval mode, gradients off, BatchNorm folded into the preceding convolutions (``fold_bn``),
-    parameters on ``device``, and channels_last_3d memory layout when ``channels_last`` (default:
-    only on CUDA, where the benchmark shows it pays; on CPU it does not). The chosen layout is
-    remembered on the model (``model.mmcafnet_channels_last``) so :func:`prepare_image` can match
-    it. Outputs equal the plain model's within float rounding (fp32: 1e-4 relative).
+    parameters on ``device``; channels_last_3d when ``channels_last`` (default: only on CUDA; on
+    CPU it did not pay). ``precision``: "fp32"; "bf16" (CPU: the image encoder runs in bf16, see
+    :func:`run_image_encoder_in`; CUDA: bf16 autocast); "auto" = bf16 where
+    :func:`autocast_dtype` says the hardware has it, else fp32. Run the model inside
+    :func:`inference_context`, which applies what was chosen here (threads, autocast). Outputs
+    equal the plain model's within float rounding (fp32: 1e-4 relative; bf16: probabilities
+    within 0.01).
     """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     dev = _device(device)
     model.eval()
     for p in model.parameters():
@@ -205,9 +274,42 @@ def optimize_for_inference(
     use_cl = (dev.type == "cuda") if channels_last is None else bool(channels_last)
     if use_cl:
         model.to(memory_format=torch.channels_last_3d)
+    reduced = autocast_dtype(dev) if precision == "auto" else (None if precision == "fp32" else torch.bfloat16)
+    autocast_with: Optional[torch.dtype] = None
+    if reduced is not None:
+        if dev.type == "cpu" and reduced == torch.bfloat16 and run_image_encoder_in(model, reduced):
+            pass
+        else:
+            autocast_with = reduced
     model.mmcafnet_channels_last = use_cl  # type: ignore[assignment]
+    model.mmcafnet_autocast = autocast_with  # type: ignore[assignment]
+    model.mmcafnet_threads = inference_threads() if dev.type == "cpu" else None  # type: ignore[assignment]
+    model.mmcafnet_precision = "fp32" if reduced is None else str(reduced).replace("torch.", "")  # type: ignore[assignment]
     model.mmcafnet_optimized_for = str(dev)  # type: ignore[assignment]
     return model
+
+
+@contextlib.contextmanager
+def inference_context(model: nn.Module, device: DeviceLike = None) -> Iterator[None]:
+    """What a forward of ``model`` should run under: the thread count and autocast chosen by
+    :func:`optimize_for_inference`. For a model that was not optimised, autocast follows
+    :func:`autocast_dtype` and the threads are left alone."""
+    dev = _device(device)
+    if hasattr(model, "mmcafnet_autocast"):
+        dtype = model.mmcafnet_autocast
+        context = torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    else:
+        context = autocast(dev)
+    threads = getattr(model, "mmcafnet_threads", None)
+    previous = torch.get_num_threads()
+    if threads and threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        with context:
+            yield
+    finally:
+        if threads and threads != previous:
+            torch.set_num_threads(previous)
 
 
 def prepare_image(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
@@ -226,6 +328,6 @@ def inference_settings(device: DeviceLike = None) -> Dict[str, Any]:
         "autocast_dtype": None if dtype is None else str(dtype).replace("torch.", ""),
         "fold_batchnorm": True,
         "channels_last_3d": dev.type == "cuda",
-        "threads": torch.get_num_threads(),
+        "threads": inference_threads() if dev.type == "cpu" else None,
         "cpu": cpu_capabilities() if dev.type == "cpu" else None,
     }

@@ -48,7 +48,7 @@ def max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def lite_pair():
     plain = random_model("mmcafnet-lite")
-    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu")
+    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu", precision="fp32")
     return plain, optimised
 
 
@@ -68,7 +68,7 @@ def test_folding_removes_the_batchnorms_after_convolutions(lite_pair):
 @pytest.mark.parametrize("name", ["mmcafnet-lite", "mmcafnet"])
 def test_folded_fp32_matches_plain(name):
     plain = random_model(name)
-    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu", channels_last=False)
+    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu", channels_last=False, precision="fp32")
     image, clinical = inputs()
     with torch.no_grad():
         expected = plain(image, clinical)
@@ -83,7 +83,7 @@ def test_folded_fp32_matches_plain(name):
 
 def test_channels_last_fp32_matches_plain(lite_pair):
     plain, _ = lite_pair
-    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu", channels_last=True)
+    optimised = opt.optimize_for_inference(copy.deepcopy(plain), "cpu", channels_last=True, precision="fp32")
     image, clinical = inputs()
     prepared = opt.prepare_image(optimised, image)
     assert prepared.is_contiguous(memory_format=torch.channels_last_3d)
@@ -96,6 +96,16 @@ def test_channels_last_fp32_matches_plain(lite_pair):
         assert max_relative(a, b) < 1e-4
 
 
+def _check_bf16(expected, got) -> None:
+    p_expected = torch.sigmoid(expected.logits.float())
+    p_got = torch.sigmoid(got.logits.float())
+    # the check means something only if the probabilities are not all saturated
+    assert bool(((p_expected > 0.02) & (p_expected < 0.98)).any())
+    assert float((p_got - p_expected).abs().max()) < 0.01
+    for a, b in zip(got.attention, expected.attention):
+        assert float((a.float() - b).abs().max()) < 0.02
+
+
 def test_bf16_autocast_probabilities_within_one_percent(lite_pair):
     plain, optimised = lite_pair
     image, clinical = inputs(batch=4, seed=3)
@@ -106,13 +116,39 @@ def test_bf16_autocast_probabilities_within_one_percent(lite_pair):
             got = optimised(image, clinical)
     except RuntimeError as exc:  # a torch build without CPU bf16 kernels
         pytest.skip(f"bf16 autocast is not supported by this torch on this CPU: {exc}")
-    p_expected = torch.sigmoid(expected.logits.float())
-    p_got = torch.sigmoid(got.logits.float())
-    # the check means something only if the probabilities are not all saturated
-    assert bool(((p_expected > 0.02) & (p_expected < 0.98)).any())
-    assert float((p_got - p_expected).abs().max()) < 0.01
-    for a, b in zip(got.attention, expected.attention):
-        assert float((a.float() - b).abs().max()) < 0.02
+    _check_bf16(expected, got)
+
+
+def test_bf16_image_encoder_probabilities_within_one_percent(lite_pair):
+    """The CPU bf16 path of optimize_for_inference (encoder in bf16, fp32 stem and head)."""
+    plain, _ = lite_pair
+    model = opt.optimize_for_inference(copy.deepcopy(plain), "cpu", precision="bf16")
+    assert model.image_encoder.pyramid.bfpu[0].key.pointwise.weight.dtype == torch.bfloat16
+    assert model.image_encoder.backbone.stem.conv.weight.dtype == torch.float32
+    assert model.classifier.weight.dtype == torch.float32
+    image, clinical = inputs(batch=4, seed=3)
+    with torch.no_grad():
+        expected = plain(image, clinical)
+    try:
+        with torch.inference_mode(), opt.inference_context(model, "cpu"):
+            got = model(image, clinical)
+    except RuntimeError as exc:
+        pytest.skip(f"bf16 convolutions are not supported by this torch on this CPU: {exc}")
+    assert got.logits.dtype == torch.float32 and all(a.dtype == torch.float32 for a in got.attention)
+    _check_bf16(expected, got)
+
+
+def test_inference_context_sets_and_restores_threads(monkeypatch, lite_pair):
+    monkeypatch.setenv(opt.THREADS_ENV, "1")
+    model = opt.optimize_for_inference(copy.deepcopy(lite_pair[0]), "cpu", precision="fp32")
+    assert model.mmcafnet_threads == 1
+    before = torch.get_num_threads()
+    with opt.inference_context(model, "cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv(opt.THREADS_ENV, "lots")
+    with pytest.raises(ValueError, match=opt.THREADS_ENV):
+        opt.inference_threads()
 
 
 def test_fold_refuses_a_training_model():

@@ -287,9 +287,9 @@ class Predictor:
         return np.asarray(self.schema.encode(record), dtype=np.float32).reshape(1, -1), warnings
 
     def _forward(self, image: torch.Tensor, clinical: torch.Tensor):
-        from MMCAFNetLib.optimize import autocast, prepare_image
+        from MMCAFNetLib.optimize import inference_context, prepare_image
 
-        with autocast(self.device):  # bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32
+        with inference_context(self.model, self.device):  # threads and precision chosen at load
             return self.model(prepare_image(self.model, image), clinical)
 
     def _probabilities(self, logits: torch.Tensor) -> np.ndarray:
