@@ -222,25 +222,28 @@ def _outputs_to_float(module: nn.Module, args: tuple, output: Any) -> Any:
 
 
 def run_image_encoder_in(model: nn.Module, dtype: torch.dtype) -> bool:
-    """Keep the image encoder's weights and activations in ``dtype`` (bf16), in place.
+    """Keep the backbone's and the pyramid's weights and activations in ``dtype`` (bf16), in place.
 
-    Hooks cast the encoder's input to ``dtype`` and its outputs back to fp32, so the clinical
-    encoder, fusion and head stay in fp32 and callers see fp32 tensors. The 7x7x7 stem on the
-    one-channel CT stays in fp32: oneDNN has no fast bf16 kernel for one input channel (it was 9x
-    slower than fp32). Unlike autocast, nothing is converted back and forth between operations
-    and no weight is re-cast on every call. Returns False when the model has no image encoder.
+    The 7x7x7 stem on the one-channel CT stays in fp32 (oneDNN has no fast bf16 kernel for one
+    input channel: it was 9x slower than fp32) and a hook hands its output over in ``dtype``; a
+    hook on the pyramid returns its map and attention maps in fp32, so the readout, clinical
+    encoder, fusion and head run in fp32, callers see fp32 tensors, and Grad-CAM differentiates
+    through the fp32 map the readout uses. Unlike autocast, nothing is converted back and forth
+    between operations and no weight is re-cast on every call. Returns False when the model has
+    no image encoder of this layout.
     """
     encoder = getattr(model, "image_encoder", None)
-    if encoder is None:
+    backbone = getattr(encoder, "backbone", None)
+    pyramid = getattr(encoder, "pyramid", None)
+    stem = getattr(backbone, "stem", None)
+    if encoder is None or backbone is None or pyramid is None or stem is None:
         return False
-    encoder.to(dtype)
-    encoder.register_forward_pre_hook(_to_dtype(dtype))
-    encoder.register_forward_hook(_outputs_to_float)
-    stem = getattr(getattr(encoder, "backbone", None), "stem", None)
-    if stem is not None:
-        stem.float()
-        stem.register_forward_pre_hook(_to_dtype(torch.float32))
-        stem.register_forward_hook(lambda module, args, output: output.to(dtype))
+    backbone.to(dtype)
+    pyramid.to(dtype)
+    stem.float()
+    stem.register_forward_pre_hook(_to_dtype(torch.float32))
+    stem.register_forward_hook(lambda module, args, output: output.to(dtype))
+    pyramid.register_forward_hook(_outputs_to_float)
     return True
 
 
