@@ -36,11 +36,11 @@ FULL = {
     "ct_shape": (300, 512, 512),  # K, J, I
     "ct_spacing": (0.703125, 0.703125, 1.25),  # I, J, K (mm)
     "model_spacing": (2.5, 1.0, 1.0),  # K, J, I (the default preset)
-    "repeats": {"mmcafnet": 3, "mmcafnet-lite": 5},
-    "repeats_batch8": {"mmcafnet": 2, "mmcafnet-lite": 3},
-    "repeats_w2": 3,
+    "repeats": {"mmcafnet": 2, "mmcafnet-lite": 3},
+    "repeats_batch8": {"mmcafnet": 1, "mmcafnet-lite": 2},
+    "repeats_w2": 2,
     "train_batch": 4,
-    "train_repeats": {"mmcafnet": 2, "mmcafnet-lite": 4},
+    "train_repeats": {"mmcafnet": 1, "mmcafnet-lite": 3},
     "probe": (128, (12, 48, 48)),  # channels, spatial size of the dense 3x3x3 probe
     "cuda_batches": (1, 16),
 }
@@ -216,18 +216,27 @@ def conv_probe(cfg: Dict[str, Any], device: str = "cpu", dtypes: Sequence[Option
     x = torch.randn(1, channels, *spatial, device=device)
     flops = 2 * channels * channels * 27 * int(np.prod(spatial))
     rows = []
+    all_threads = torch.get_num_threads()
+    thread_counts = sorted({all_threads, opt.inference_threads()}) if device == "cpu" else [all_threads]
     for dtype in dtypes:
-        label = "fp32" if dtype is None else str(dtype).replace("torch.", "")
+        precision = "fp32" if dtype is None else str(dtype).replace("torch.", "")
+        for threads in thread_counts:
+            label = f"{precision}, {threads} thread{'s' if threads > 1 else ''}"
 
-        def run(dtype=dtype) -> None:
-            with torch.inference_mode(), opt.autocast(device, dtype=dtype, enabled=dtype is not None):
-                conv(x)
+            def run(dtype=dtype, threads=threads) -> None:
+                torch.set_num_threads(threads)
+                try:
+                    with torch.inference_mode(), opt.autocast(device, dtype=dtype, enabled=dtype is not None):
+                        conv(x)
+                finally:
+                    torch.set_num_threads(all_threads)
 
-        stats = measure_interleaved({label: run}, repeats=5, warmup=2, device=device)[label]
-        rows.append(
-            _row("W1", f"dense Conv3d probe {channels}->{channels} 3x3x3 on {list(spatial)}", label, stats,
-                 gflops=flops / 1e9, gflop_per_s=flops / stats["median_s"] / 1e9, precision=label)
-        )
+            stats = measure_interleaved({label: run}, repeats=5, warmup=2, device=device)[label]
+            rows.append(
+                _row("W1", f"dense Conv3d probe {channels}->{channels} 3x3x3 on {list(spatial)}", label, stats,
+                     gflops=flops / 1e9, gflop_per_s=flops / stats["median_s"] / 1e9, precision=precision,
+                     threads=threads)
+            )
     return rows
 
 
@@ -248,8 +257,8 @@ def _w1_model(name: str, cfg: Dict[str, Any], device: str, flops: int) -> List[R
         p.requires_grad_(False)
     models = {
         "base": base,
-        "folded": opt.optimize_for_inference(copy.deepcopy(base), device, channels_last=False),
-        "channels_last": opt.optimize_for_inference(copy.deepcopy(base), device, channels_last=True),
+        "folded": opt.optimize_for_inference(copy.deepcopy(base), device, channels_last=False, precision="fp32"),
+        "channels_last": opt.optimize_for_inference(copy.deepcopy(base), device, channels_last=True, precision="fp32"),
         "default": opt.optimize_for_inference(copy.deepcopy(base), device),
     }
     rows: List[Row] = []
@@ -265,6 +274,7 @@ def _w1_batch(name: str, cfg: Dict[str, Any], device: str, flops: int, models: D
     default_dtype = opt.autocast_dtype(device)
     default_precision = "fp32" if default_dtype is None else str(default_dtype).replace("torch.", "")
     base, folded, cl, default = models["base"], models["folded"], models["channels_last"], models["default"]
+    all_threads = torch.get_num_threads()
     image, clinical = window_inputs(batch, window)
     image, clinical = image.to(device), clinical.to(device)
     image_cl = image.contiguous(memory_format=torch.channels_last_3d)
@@ -290,8 +300,17 @@ def _w1_batch(name: str, cfg: Dict[str, Any], device: str, flops: int, models: D
             folded(image, clinical)
 
     def optimised() -> None:
-        with torch.inference_mode(), opt.autocast(device):
+        with torch.inference_mode(), opt.inference_context(default, device):
             default(opt.prepare_image(default, image), clinical)
+
+    def optimised_all_threads() -> None:
+        with torch.inference_mode(), opt.inference_context(default, device):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(all_threads)
+            try:
+                default(opt.prepare_image(default, image), clinical)
+            finally:
+                torch.set_num_threads(threads)
 
     if batch == cfg["batches"][0]:
         variants: Dict[str, Callable[[], None]] = {
@@ -303,20 +322,25 @@ def _w1_batch(name: str, cfg: Dict[str, Any], device: str, flops: int, models: D
         if fast_bf16:
             variants["+ folded BN + bf16 autocast"] = bf16
         variants["optimised (library default)"] = optimised
+        if device == "cpu" and getattr(default, "mmcafnet_threads", None) not in (None, all_threads):
+            variants[f"optimised, all {all_threads} threads"] = optimised_all_threads
         repeats = cfg["repeats"].get(name, 2)
     else:
         variants = {"plain eager fp32": plain, "optimised (library default)": optimised}
         repeats = cfg["repeats_batch8"].get(name, 1)
-    stats = measure_interleaved(variants, repeats=repeats, warmup=1, device=device)
+    # the larger batch follows the batch-1 runs on the same models, which warmed them up
+    warmup = 1 if batch == cfg["batches"][0] else 0
+    stats = measure_interleaved(variants, repeats=repeats, warmup=warmup, device=device)
     plain_s = stats["plain eager fp32"]["median_s"]
     rows: List[Row] = []
     for variant, s in stats.items():
         precision = "bf16" if "bf16" in variant else ("fp32" if "optimised" not in variant else default_precision)
+        threads = getattr(default, "mmcafnet_threads", None) if variant == "optimised (library default)" else all_threads
         rows.append(
             _row("W1", f"{name} batch {batch} window {list(window)}", variant, s,
                  model=name, batch=batch, windows_per_s=batch / s["median_s"],
                  gflops=flops * batch / 1e9, gflop_per_s=flops * batch / s["median_s"] / 1e9,
-                 speedup_vs_plain=plain_s / s["median_s"], precision=precision)
+                 speedup_vs_plain=plain_s / s["median_s"], precision=precision, threads=threads)
         )
     return rows
 
