@@ -191,11 +191,39 @@ def test_bad_settings_are_refused_clearly(cohort, tmp_path):
     assert cli_main(["train", "--cohort", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_paper_recipe_stages_chain(cohort, tmp_path):
+    """Stage 1 image-only, stage 2 on the frozen stage-1 backbone, stage 3 fusion on the frozen encoder."""
+    from MMCAFNetLib.train.loop import train
+
+    common = {"model": "mmcafnet-lite", "model_overrides": dict(TINY_MODEL), "preset": dict(TINY_PRESET),
+              "epochs": 1, "progress": False, "seed": 2}
+    runs = {}
+    for stage in (1, 2, 3):
+        init = str(runs[stage - 1] / "best.pt") if stage > 1 else None
+        config = resolve_config("paper", stage, None, {**common, "init": init})
+        runs[stage] = tmp_path / f"stage{stage}"
+        summary = train(config, cohort, runs[stage])
+        assert summary["epochs_completed"] == 1
+    s1, s2, s3 = (load_checkpoint(runs[s] / "best.pt") for s in (1, 2, 3))
+    assert s1["model_name"] == s2["model_name"] == "image-only" and s3["model_name"] == "mmcafnet-lite"
+    assert s3["model_config"]["stage_channels"] == [16, 32, 64]  # the tiny encoder went all the way through
+    backbone = [k for k in s1["state_dict"] if k.startswith("image_encoder.backbone.") and k.endswith("weight")]
+    pyramid = [k for k in s2["state_dict"] if k.startswith("image_encoder.pyramid.") and k.endswith("weight")]
+    assert backbone and pyramid
+    for k in backbone:  # frozen in stage 2, and still in stage 3
+        assert torch.equal(s1["state_dict"][k], s2["state_dict"][k]) and torch.equal(s2["state_dict"][k], s3["state_dict"][k])
+    for k in pyramid:  # trained in stage 2, frozen in stage 3
+        assert torch.equal(s2["state_dict"][k], s3["state_dict"][k])
+    assert any(not torch.equal(s1["state_dict"][k], s2["state_dict"][k]) for k in pyramid)
+    with pytest.raises(ValueError, match="--init"):
+        resolve_config("paper", 3, None, common)
+
+
 def test_recipes_resolve_as_documented():
-    paper3 = resolve_config("paper", 3)
+    paper3 = resolve_config("paper", 3, None, {"init": "stage2.pt"})
     assert (paper3.optimizer, paper3.lr, paper3.momentum, paper3.dampening, paper3.weight_decay) == (
         "sgd", 1e-4, 0.9, 0.9, 1e-3)
     assert (paper3.loss, paper3.focal_gamma, paper3.batch_size, paper3.epochs) == ("focal", 2.0, 4, 50)
-    assert paper3.freeze == ["image_encoder"] and resolve_config("paper", 2).freeze == ["backbone"]
+    assert paper3.freeze == ["image_encoder"] and resolve_config("paper", 2, None, {"init": "x"}).freeze == ["backbone"]
     default = resolve_config("default")
     assert default.optimizer == "adamw" and default.balanced_sampling and default.freeze == []

@@ -105,6 +105,9 @@ class TrainConfig:
             (self.windows_per_patient >= 1, "windows_per_patient must be at least 1"),
             (self.selection_metric in ("auroc", "loss"), "selection_metric must be 'auroc' or 'loss'"),
         ]
+        if self.recipe == "paper" and self.stage in (2, 3) and not self.init:
+            checks.append((False, f"paper stage {self.stage} starts from the stage-{self.stage - 1} checkpoint: "
+                                  f"pass --init RUN_OF_STAGE_{self.stage - 1}/best.pt"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"training configuration: {message}")
