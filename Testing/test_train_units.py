@@ -76,3 +76,33 @@ def test_sampler_shards_one_global_order_and_balances_classes():
     assert sum(drawn) / len(drawn) == pytest.approx(0.5, abs=0.03)
     plain = EpochSampler(labels, seed=4)
     assert sorted(i for i, _, _ in plain) == list(range(12))  # a permutation without balancing
+
+
+def test_fold_split_and_summary_across_folds():
+    import pandas as pd
+
+    from MMCAFNetLib.train.data import available_folds, split_cohort
+    from MMCAFNetLib.train.loop import summarise_folds
+
+    df = pd.DataFrame({
+        "patient_id": [f"P{i}" for i in range(10)],
+        "label": ["A", "G"] * 5,
+        "split": ["train", "train", "val", "val", "train", "train", "test", "test", "train", "train"],
+        "fold": [0, 0, 1, 1, 2, 2, -1, -1, 0, 1],
+    })
+    assert available_folds(df) == [0, 1, 2]
+    train, val = split_cohort(df, TrainConfig(fold=1))
+    assert sorted(val["patient_id"]) == ["P2", "P3", "P9"]  # fold 1, whatever the split column says
+    assert sorted(train["patient_id"]) == ["P0", "P1", "P4", "P5", "P8"]  # never the test patients
+    train, val = split_cohort(df, TrainConfig())  # no fold: the split column
+    assert sorted(val["patient_id"]) == ["P2", "P3"]
+    with pytest.raises(ValueError, match="fold 7"):
+        split_cohort(df, TrainConfig(fold=7))
+    with pytest.raises(ValueError, match="lack class"):
+        split_cohort(df[df["patient_id"] != "P3"], TrainConfig())  # no G left in validation
+    runs = [{"fold": k, "best_metrics": {"auroc": a, "accuracy": 0.5}} for k, a in enumerate([0.6, 0.8, 0.7])]
+    summary = summarise_folds(runs)
+    assert summary["folds"] == [0, 1, 2]
+    assert summary["validation"]["auroc"]["mean"] == pytest.approx(0.7)
+    assert summary["validation"]["auroc"]["std"] == pytest.approx(0.1)  # sample standard deviation
+    assert summary["validation"]["accuracy"]["std"] == 0.0
