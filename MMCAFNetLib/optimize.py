@@ -1,18 +1,20 @@
 """Speed settings for running and training the networks, each kept because the benchmark showed it pays.
 
 ``Testing/benchmarks/bench.py`` measures every setting here next to the plain path in the same run
-(docs/performance.md holds the numbers). What is applied by default:
+(docs/performance.md holds the numbers). Applied by default for inference
+(:func:`optimize_for_inference`, then run under :func:`inference_context`):
 
-- inference: eval mode, no gradients (``requires_grad`` off, ``torch.inference_mode`` in the caller),
-  BatchNorm folded into the convolution before it (DCFB and UCB blocks: one pass over the map
-  instead of two), and bf16 autocast where the CPU multiplies bf16 in hardware (AVX512-BF16 or
-  AMX) or on CUDA. On CPUs without bf16 hardware, bf16 is emulated and slower than fp32, so it
-  is never used there.
-- channels_last_3d is available (``channels_last=True``) but not the default on CPU: see the
-  benchmark.
+- eval mode, gradients off (``torch.inference_mode`` in the caller);
+- BatchNorm folded into the convolution before it (DCFB and UCB blocks);
+- channels_last_3d memory layout (oneDNN's preferred layout for 3D convolutions);
+- bf16 where the hardware multiplies bf16: on CPUs with AVX512-BF16 or AMX the backbone and
+  pyramid are stored and run in bf16 (stem, readout, clinical encoder, fusion and head in fp32);
+  on CUDA, bf16 autocast. On CPUs without bf16 hardware bf16 is emulated and slower, so fp32.
 
-The environment variable ``MMCAFNET_CPU_BF16=0`` turns bf16 off on CPUs that have it (``1`` forces it
-on where torch supports it), e.g. to compare against fp32 results exactly.
+Environment overrides: ``MMCAFNET_CPU_BF16=0`` turns CPU bf16 off (``1`` forces it on), e.g. to
+compare against fp32 results exactly; ``MMCAFNET_THREADS=N`` sets the CPU threads of a forward
+(useful on machines whose cores are shared with other work, see :func:`inference_threads`).
+For training, :func:`autocast` gives bf16 autocast on the same hardware.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ DeviceLike = Union[str, torch.device, None]
 
 #: environment variable that overrides the bf16 choice on CPU ("0" off, "1" on)
 CPU_BF16_ENV = "MMCAFNET_CPU_BF16"
-#: environment variable that sets the CPU threads of a forward (default: usable cores - 1)
+#: environment variable that sets the CPU threads of a forward (default: torch's setting)
 THREADS_ENV = "MMCAFNET_THREADS"
 
 
@@ -191,11 +193,13 @@ def usable_cpus() -> int:
 
 
 def inference_threads() -> int:
-    """CPU threads for a forward: one core is left free (``MMCAFNET_THREADS`` overrides).
+    """CPU threads for a forward: torch's setting (all usable cores), or ``MMCAFNET_THREADS``.
 
-    Why: torch's intra-op threads wait for each other at every operation, so when another process
-    (or Slicer's GUI thread) takes one core, a forward that uses all cores stalls; the benchmark
-    measured ``mmcafnet`` 3x slower with 2 threads than with 1 on a shared 2-core machine.
+    Why the override exists: torch's intra-op threads wait for each other at every operation, so
+    when other processes keep the cores busy, a forward that uses all cores stalls. On the shared
+    2-core benchmark machine ``mmcafnet`` ran 3x faster with 1 thread than with 2 while other
+    jobs ran, and 1.7x slower with 1 thread when it had the cores to itself; the default follows
+    the second case (a workstation reading one CT at a time).
     """
     forced = os.environ.get(THREADS_ENV, "").strip()
     if forced:
@@ -203,7 +207,7 @@ def inference_threads() -> int:
             return max(1, int(forced))
         except ValueError:
             raise ValueError(f"{THREADS_ENV} must be a whole number of threads, got {forced!r}") from None
-    return max(1, min(torch.get_num_threads(), usable_cpus() - 1))
+    return torch.get_num_threads()
 
 
 def _to_dtype(dtype: torch.dtype):
@@ -257,8 +261,8 @@ def optimize_for_inference(
     """Make ``model`` ready for fast inference on ``device``, in place, and return it.
 
     eval mode, gradients off, BatchNorm folded into the preceding convolutions (``fold_bn``),
-    parameters on ``device``; channels_last_3d when ``channels_last`` (default: only on CUDA; on
-    CPU it did not pay). ``precision``: "fp32"; "bf16" (CPU: the image encoder runs in bf16, see
+    parameters on ``device``; channels_last_3d memory layout unless ``channels_last`` is False (it
+    paid on CPU in fp32 and bf16). ``precision``: "fp32"; "bf16" (CPU: the image encoder runs in bf16, see
     :func:`run_image_encoder_in`; CUDA: bf16 autocast); "auto" = bf16 where
     :func:`autocast_dtype` says the hardware has it, else fp32. Run the model inside
     :func:`inference_context`, which applies what was chosen here (threads, autocast). Outputs
@@ -274,7 +278,7 @@ def optimize_for_inference(
     if fold_bn:
         fold_batchnorm(model)
     model.to(dev)
-    use_cl = (dev.type == "cuda") if channels_last is None else bool(channels_last)
+    use_cl = True if channels_last is None else bool(channels_last)
     if use_cl:
         model.to(memory_format=torch.channels_last_3d)
     reduced = autocast_dtype(dev) if precision == "auto" else (None if precision == "fp32" else torch.bfloat16)
@@ -286,7 +290,8 @@ def optimize_for_inference(
             autocast_with = reduced
     model.mmcafnet_channels_last = use_cl  # type: ignore[assignment]
     model.mmcafnet_autocast = autocast_with  # type: ignore[assignment]
-    model.mmcafnet_threads = inference_threads() if dev.type == "cpu" else None  # type: ignore[assignment]
+    threads = inference_threads() if dev.type == "cpu" else None
+    model.mmcafnet_threads = threads if threads != torch.get_num_threads() else None  # type: ignore[assignment]
     model.mmcafnet_precision = "fp32" if reduced is None else str(reduced).replace("torch.", "")  # type: ignore[assignment]
     model.mmcafnet_optimized_for = str(dev)  # type: ignore[assignment]
     return model
@@ -330,7 +335,7 @@ def inference_settings(device: DeviceLike = None) -> Dict[str, Any]:
         "device": str(dev),
         "autocast_dtype": None if dtype is None else str(dtype).replace("torch.", ""),
         "fold_batchnorm": True,
-        "channels_last_3d": dev.type == "cuda",
+        "channels_last_3d": True,
         "threads": inference_threads() if dev.type == "cpu" else None,
         "cpu": cpu_capabilities() if dev.type == "cpu" else None,
     }

@@ -139,13 +139,16 @@ def test_bf16_image_encoder_probabilities_within_one_percent(lite_pair):
 
 
 def test_inference_context_sets_and_restores_threads(monkeypatch, lite_pair):
-    monkeypatch.setenv(opt.THREADS_ENV, "1")
-    model = opt.optimize_for_inference(copy.deepcopy(lite_pair[0]), "cpu", precision="fp32")
-    assert model.mmcafnet_threads == 1
     before = torch.get_num_threads()
+    wanted = before + 1
+    monkeypatch.setenv(opt.THREADS_ENV, str(wanted))
+    model = opt.optimize_for_inference(copy.deepcopy(lite_pair[0]), "cpu", precision="fp32")
+    assert model.mmcafnet_threads == wanted
     with opt.inference_context(model, "cpu"):
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == wanted
     assert torch.get_num_threads() == before
+    monkeypatch.delenv(opt.THREADS_ENV)
+    assert opt.optimize_for_inference(copy.deepcopy(lite_pair[0]), "cpu", precision="fp32").mmcafnet_threads is None
     monkeypatch.setenv(opt.THREADS_ENV, "lots")
     with pytest.raises(ValueError, match=opt.THREADS_ENV):
         opt.inference_threads()
