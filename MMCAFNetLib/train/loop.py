@@ -164,6 +164,10 @@ def autocast_context(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
+    if enabled and device.type == "cpu":  # bf16 only on CPUs with AVX512-BF16/AMX (docs/performance.md)
+        from MMCAFNetLib.optimize import autocast
+
+        return autocast(device)
     return torch.autocast(device.type, enabled=False)
 
 
