@@ -64,6 +64,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from MMCAFNetLib.dataset.metadata import METADATA_COLUMNS
 from MMCAFNetLib.volume import Volume, make_ijk_to_ras
 
 CLASS_LETTERS = ("A", "B", "E", "G")
@@ -72,26 +73,6 @@ CLASS_LETTERS = ("A", "B", "E", "G")
 DEFAULT_CLASS_PROPORTIONS = {"A": 0.55, "B": 0.10, "E": 0.05, "G": 0.30}
 DEFAULT_SMALL_LESION_SHARE = 0.25
 
-#: The real metadata.csv columns, in order.
-METADATA_COLUMNS = (
-    "Series UID",
-    "Collection",
-    "3rd Party Analysis",
-    "Data Description URI",
-    "Subject ID",
-    "Study UID",
-    "Study Description",
-    "Study Date",
-    "Series Description",
-    "Manufacturer",
-    "Modality",
-    "SOP Class Name",
-    "SOP Class UID",
-    "Number of Images",
-    "File Size",
-    "File Location",
-    "Download Timestamp",
-)
 #: The real clinical sheet's headers, verbatim (the M is U+FF2D, FULLWIDTH LATIN CAPITAL LETTER M).
 SHEET_HEADERS = (
     "No.",
