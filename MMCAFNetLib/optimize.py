@@ -30,7 +30,7 @@ DeviceLike = Union[str, torch.device, None]
 
 #: environment variable that overrides the bf16 choice on CPU ("0" off, "1" on)
 CPU_BF16_ENV = "MMCAFNET_CPU_BF16"
-#: environment variable that sets the CPU threads of a forward (default: torch's setting)
+#: environment variable that sets the CPU threads of a forward (default: usable cores - 1)
 THREADS_ENV = "MMCAFNET_THREADS"
 
 
@@ -193,13 +193,14 @@ def usable_cpus() -> int:
 
 
 def inference_threads() -> int:
-    """CPU threads for a forward: torch's setting (all usable cores), or ``MMCAFNET_THREADS``.
+    """CPU threads for a forward: all usable cores but one (at least one), or ``MMCAFNET_THREADS``.
 
-    Why the override exists: torch's intra-op threads wait for each other at every operation, so
-    when other processes keep the cores busy, a forward that uses all cores stalls. On the shared
-    2-core benchmark machine ``mmcafnet`` ran 3x faster with 1 thread than with 2 while other
-    jobs ran, and 1.7x slower with 1 thread when it had the cores to itself; the default follows
-    the second case (a workstation reading one CT at a time).
+    Why: torch's intra-op threads wait for each other at every operation, so when anything else
+    (another process, Slicer's GUI and rendering) takes a core, a forward that uses all cores
+    stalls. On the shared 2-core benchmark machine, with other jobs running, the optimised
+    ``mmcafnet`` ran 3x and ``mmcafnet-lite`` 28x faster on 1 thread than on 2; with the machine
+    to itself, 2 threads were 1.7x faster than 1. Leaving one core free bounds the loss in the
+    quiet case and avoids the collapse in the busy one.
     """
     forced = os.environ.get(THREADS_ENV, "").strip()
     if forced:
@@ -207,7 +208,7 @@ def inference_threads() -> int:
             return max(1, int(forced))
         except ValueError:
             raise ValueError(f"{THREADS_ENV} must be a whole number of threads, got {forced!r}") from None
-    return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), usable_cpus() - 1))
 
 
 def _to_dtype(dtype: torch.dtype):

@@ -148,7 +148,7 @@ def test_inference_context_sets_and_restores_threads(monkeypatch, lite_pair):
         assert torch.get_num_threads() == wanted
     assert torch.get_num_threads() == before
     monkeypatch.delenv(opt.THREADS_ENV)
-    assert opt.optimize_for_inference(copy.deepcopy(lite_pair[0]), "cpu", precision="fp32").mmcafnet_threads is None
+    assert opt.inference_threads() == max(1, min(before, opt.usable_cpus() - 1))
     monkeypatch.setenv(opt.THREADS_ENV, "lots")
     with pytest.raises(ValueError, match=opt.THREADS_ENV):
         opt.inference_threads()

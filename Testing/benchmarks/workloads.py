@@ -303,10 +303,10 @@ def _w1_batch(name: str, cfg: Dict[str, Any], device: str, flops: int, models: D
         with torch.inference_mode(), opt.inference_context(default, device):
             default(opt.prepare_image(default, image), clinical)
 
-    def optimised_one_thread() -> None:
+    def optimised_all_threads() -> None:
         with torch.inference_mode(), opt.inference_context(default, device):
             threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+            torch.set_num_threads(all_threads)
             try:
                 default(opt.prepare_image(default, image), clinical)
             finally:
@@ -322,8 +322,8 @@ def _w1_batch(name: str, cfg: Dict[str, Any], device: str, flops: int, models: D
         if fast_bf16:
             variants["+ folded BN + bf16 autocast"] = bf16
         variants["optimised (library default)"] = optimised
-        if device == "cpu" and all_threads > 1:
-            variants["optimised, 1 thread"] = optimised_one_thread
+        if device == "cpu" and all_threads > 1 and getattr(default, "mmcafnet_threads", None):
+            variants[f"optimised, all {all_threads} threads"] = optimised_all_threads
         repeats = cfg["repeats"].get(name, 2)
     else:
         variants = {"plain eager fp32": plain, "optimised (library default)": optimised}
@@ -335,7 +335,7 @@ def _w1_batch(name: str, cfg: Dict[str, Any], device: str, flops: int, models: D
     rows: List[Row] = []
     for variant, s in stats.items():
         precision = "bf16" if "bf16" in variant else ("fp32" if "optimised" not in variant else default_precision)
-        threads = 1 if variant == "optimised, 1 thread" else (getattr(default, "mmcafnet_threads", None) or all_threads)
+        threads = (getattr(default, "mmcafnet_threads", None) or all_threads) if variant.startswith("optimised (") else all_threads
         rows.append(
             _row("W1", f"{name} batch {batch} window {list(window)}", variant, s,
                  model=name, batch=batch, windows_per_s=batch / s["median_s"],
