@@ -29,7 +29,6 @@ def test_demo_checkpoint_is_small_safe_and_flagged():
     assert REPORT.is_file(), "the demo model ships without its evaluation report"
 
 
-@pytest.mark.slow
 def test_demo_model_reaches_its_reported_accuracy_on_fresh_patients():
     from MMCAFNetLib.inference import Predictor
     from MMCAFNetLib.synthetic import make_case
