@@ -60,6 +60,18 @@ class Classification:
     def probability(self) -> float:
         return float(self.probabilities[self.predicted_index])
 
+    def decision_text(self, digits: int = 2) -> str:
+        """One line a reader can check: for a binary model, the positive class's probability
+        against the decision threshold chosen on validation data (a class may be predicted with a
+        probability under 0.5 when the threshold says so)."""
+        head = f"{self.predicted_label} ({self.predicted_class})"
+        cut = self.model.get("decision_threshold")
+        if len(self.class_names) == 2 and cut is not None:
+            positive, p = self.class_names[1], float(self.probabilities[1])
+            relation = ">=" if p >= cut else "<"
+            return f"{head}: P({positive}) = {p:.{digits}f} {relation} decision threshold {float(cut):.{digits}f}"
+        return f"{head}: p = {self.probability:.{digits}f}"
+
 
 class Cancelled(Exception):
     """Raised by a classification that was cancelled through its cancel event; nothing was written."""

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.class_names, result.probabilities))
     print(f"synthetic case {case.patient_id}: true class {label} ({_label(label)}), "
           f"lesion {case.lesion_diameter_mm:.0f} mm at RAS {tuple(round(v, 1) for v in case.lesion_center_ras)}")
-    print(f"predicted: {result.predicted_label} ({result.predicted_class}), p = {result.probability:.3f}  [{probs}]"
+    print(f"predicted: {result.decision_text(3)}  [{probs}]"
           f"  -> {'correct' if result.predicted_class == label else 'wrong'}")
     note = "demo model, synthetic data only: not for clinical use" if predictor.is_demo else "not a demo model"
     print(f"model: {predictor.info['model_id']} ({note})")

@@ -137,7 +137,7 @@ def _progress_printer():
 
 def _print_result(result, out: Path) -> None:
     probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.class_names, result.probabilities))
-    print(f"predicted: {result.predicted_label} ({result.predicted_class}), p = {result.probability:.3f}  [{probs}]")
+    print(f"predicted: {result.decision_text(3)}  [{probs}]")
     print(f"windows: {len(result.windows)}, time: {result.timings.get('total_s', 0.0):.1f} s")
     for w in result.warnings:
         print(f"warning: {w}")

@@ -126,7 +126,7 @@ def write_outputs(
         if result.labelmap is not None:
             write_volume(result.labelmap, tmp / "labelmap.nrrd")
         if preview:
-            title = f"{result.predicted_label} ({result.predicted_class})  p = {result.probability:.2f}"
+            title = result.decision_text()
             if result.model.get("demo"):
                 title += "   DEMO model, synthetic data, not for clinical use"
             box = preview_box_ras if preview_box_ras is not None else result.model.get("lesion_box_ras")
