@@ -53,6 +53,7 @@ def tiny_config(**overrides):
         "batch_size": 4,
         "progress": False,
         "seed": 11,
+        "num_threads": 1,  # a shared CI machine runs a tiny network faster on one thread
     }
     settings.update(overrides)
     return resolve_config("default", None, None, settings)
@@ -196,7 +197,7 @@ def test_paper_recipe_stages_chain(cohort, tmp_path):
     from MMCAFNetLib.train.loop import train
 
     common = {"model": "mmcafnet-lite", "model_overrides": dict(TINY_MODEL), "preset": dict(TINY_PRESET),
-              "epochs": 1, "progress": False, "seed": 2}
+              "epochs": 1, "progress": False, "seed": 2, "num_threads": 1}
     runs = {}
     for stage in (1, 2, 3):
         init = str(runs[stage - 1] / "best.pt") if stage > 1 else None

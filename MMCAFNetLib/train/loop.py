@@ -484,6 +484,13 @@ class Trainer:
 
     # -- the whole run
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        threads = torch.get_num_threads()
+        try:
+            return self._fit(resume)
+        finally:
+            torch.set_num_threads(threads)  # num_threads applies to this run only
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         config = self.config
         self._build()
         self.best_score: tuple[float, ...] = (-math.inf, -math.inf)
