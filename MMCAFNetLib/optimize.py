@@ -193,14 +193,15 @@ def usable_cpus() -> int:
 
 
 def inference_threads() -> int:
-    """CPU threads for a forward: all usable cores but one (at least one), or ``MMCAFNET_THREADS``.
+    """CPU threads for a forward: every usable core on small machines, all but one on larger ones;
+    ``MMCAFNET_THREADS`` overrides.
 
-    Why: torch's intra-op threads wait for each other at every operation, so when anything else
-    (another process, Slicer's GUI and rendering) takes a core, a forward that uses all cores
-    stalls. On the shared 2-core benchmark machine, with other jobs running, the optimised
-    ``mmcafnet`` ran 3x and ``mmcafnet-lite`` 28x faster on 1 thread than on 2; with the machine
-    to itself, 2 threads were 1.7x faster than 1. Leaving one core free bounds the loss in the
-    quiet case and avoids the collapse in the busy one.
+    Why: torch's intra-op threads wait for each other at every operation, so a forward that uses
+    every core stalls whenever something else (Slicer's GUI and rendering, another job) takes one.
+    With more than four cores, leaving one free costs little and keeps the workstation responsive.
+    With four or fewer, one core is a large share: on a dedicated 2-core machine, 2 threads were
+    1.7x faster than 1. (On a 2-core machine shared with other busy jobs the opposite held, 3x to
+    28x in favour of 1 thread: set ``MMCAFNET_THREADS=1`` there.)
     """
     forced = os.environ.get(THREADS_ENV, "").strip()
     if forced:
@@ -208,7 +209,8 @@ def inference_threads() -> int:
             return max(1, int(forced))
         except ValueError:
             raise ValueError(f"{THREADS_ENV} must be a whole number of threads, got {forced!r}") from None
-    return max(1, min(torch.get_num_threads(), usable_cpus() - 1))
+    cores = usable_cpus()
+    return max(1, min(torch.get_num_threads(), cores - 1 if cores > 4 else cores))
 
 
 def _to_dtype(dtype: torch.dtype):
