@@ -284,14 +284,40 @@ def _general(src: np.ndarray, m: np.ndarray, shape_kji: tuple, chunk: int = 16) 
 
 
 def heatmap_volume(canvas: WindowCanvas, target: Volume) -> Volume:
-    """The normalised canvas on ``target``'s grid: float32 0..1, the input CT's exact geometry."""
-    values = resample_to_grid(canvas.normalised(), canvas.ijk_to_ras, target.ijk_to_ras, target.shape)
+    """The normalised canvas on ``target``'s grid: float32 0..1, the input CT's exact geometry.
+
+    Only the block of the target grid that the canvas can reach is resampled (the rest is 0, as
+    the canvas is 0 outside the evaluated windows): a lesion's windows touch a small part of a CT.
+    """
+    values = np.zeros(target.shape, dtype=np.float32)
+    block = _target_block(canvas, target)
+    if block is not None:
+        lo, hi = block
+        affine = target.ijk_to_ras.copy()
+        affine[:3, 3] = target.ijk_to_ras[:3, :3] @ lo[::-1].astype(np.float64) + target.ijk_to_ras[:3, 3]
+        values[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = resample_to_grid(
+            canvas.normalised(), canvas.ijk_to_ras, affine, tuple(int(v) for v in hi - lo)
+        )
     np.clip(values, 0.0, 1.0, out=values)
     peak = float(values.max()) if values.size else 0.0
     if 0.0 < peak < 1.0:  # interpolation can miss the canvas maximum; keep the CT-grid peak at 1
         values *= np.float32(1.0 / peak)
         np.clip(values, 0.0, 1.0, out=values)
     return Volume(values, target.ijk_to_ras.copy(), _geometry_meta(target, kind="heatmap"))
+
+
+def _target_block(canvas: WindowCanvas, target: Volume) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(lo, hi) (k, j, i), hi exclusive: the target voxels within one voxel of the canvas's extent."""
+    n = np.array(canvas.shape[::-1], dtype=np.float64) - 0.5
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0]) for j in (-0.5, n[1]) for k in (-0.5, n[2])])
+    ras = corners @ canvas.ijk_to_ras.T
+    ijk = (ras @ np.linalg.inv(target.ijk_to_ras).T)[:, :3]
+    upper = np.array(target.shape[::-1])
+    lo = np.clip(np.floor(ijk.min(axis=0)).astype(np.int64) - 1, 0, upper)
+    hi = np.clip(np.ceil(ijk.max(axis=0)).astype(np.int64) + 2, 0, upper)
+    if np.any(hi <= lo):
+        return None
+    return lo[::-1], hi[::-1]
 
 
 def labelmap_volume(heatmap: Volume, label_value: int, threshold: float) -> Volume:

@@ -28,7 +28,7 @@ from MMCAFNetLib import heatmap as hm
 from MMCAFNetLib import memory_guard
 from MMCAFNetLib.preset import Preset, get_preset
 from MMCAFNetLib.results import CLASS_LABELS, Cancelled, Classification, WindowResult
-from MMCAFNetLib.volume import Volume
+from MMCAFNetLib.volume import Volume, resample_to_grid
 
 ProgressCallback = Callable[[int, int], None]
 Lesion = Union[None, Sequence[float], np.ndarray, Volume]
@@ -86,6 +86,9 @@ class Predictor:
         self.decision_threshold = float(payload.get("threshold", 0.5))
         self.is_demo = bool(payload.get("demo", False))
         self.binary = len(self.class_names) == 2 and _num_outputs(model, payload) == 1
+        #: Lesion-guided runs resample only the region their windows cover (same voxels, same
+        #: result as preparing the whole CT; False prepares the whole CT, for comparison).
+        self.crop_to_lesion = True
         self._lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------------------------
@@ -186,19 +189,21 @@ class Predictor:
         t = time.perf_counter()
         if box_ras is None:  # a whole-volume scan: refuse early when it cannot fit in memory
             memory_guard.check_whole_volume_scan(self, volume, batch_size, heatmap)
-        prepared = win.prepare_volume(volume, self.preset)
-        timings["prepare_s"] = time.perf_counter() - t
-
-        if box_ras is not None:
+        if box_ras is not None and self.crop_to_lesion:
+            prepared, centers = prepare_lesion_region(volume, self.preset, box_ras)
+        elif box_ras is not None:
+            prepared = win.prepare_volume(volume, self.preset)
             kji_min, kji_max = _box_to_prepared_kji(prepared, box_ras)
             centers = list(win.window_centers_for_box(prepared, kji_min, kji_max, self.preset))
         else:
+            prepared = win.prepare_volume(volume, self.preset)
             centers = [
                 c for c in win.sliding_window_centers(prepared, self.preset)
                 if _has_body(win.cut_window(prepared, c, self.preset).array, self.preset)
             ]
             if not centers:
                 raise InputError("no window of the CT contains body tissue (all air); check the image")
+        timings["prepare_s"] = time.perf_counter() - t
         total = len(centers)
         bs = int(batch_size) if batch_size else (8 if self.device.type == "cuda" else 2)
         if bs < 1:
@@ -242,7 +247,14 @@ class Predictor:
         heat_vol = label_vol = None
         if heatmap is not None:
             t = time.perf_counter()
-            canvas = hm.WindowCanvas(prepared.shape, prepared.ijk_to_ras)
+            canvas_shape, canvas_affine = prepared.shape, prepared.ijk_to_ras
+            if box_ras is not None and self.crop_to_lesion:
+                # One voxel of zeros around the block, as the whole prepared grid would have there,
+                # so the interpolation onto the CT grid fades out at the windows' edges the same way.
+                canvas_affine = prepared.ijk_to_ras.copy()
+                canvas_affine[:3, 3] -= prepared.ijk_to_ras[:3, :3] @ np.ones(3)
+                canvas_shape = tuple(int(n) + 2 for n in prepared.shape)
+            canvas = hm.WindowCanvas(canvas_shape, canvas_affine)
             for (aff, shape), small, wp in zip(window_geoms, maps_all, window_probs):
                 m = small[predicted] if small.ndim == 4 else small
                 canvas.add(hm.upsample_map(m, shape) * float(wp[predicted]), aff)
@@ -460,6 +472,47 @@ def _extent(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     corners = np.array([[i, j, k] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])], dtype=float)
     ras = volume.ijk_to_ras_points(corners)
     return ras.min(axis=0), ras.max(axis=0)
+
+
+def prepare_lesion_region(
+    volume: Volume, preset: Preset, box_ras: tuple[np.ndarray, np.ndarray]
+) -> tuple[Volume, list[tuple[int, int, int]]]:
+    """The part of the preset's grid that a lesion's windows cover, and their centres in it.
+
+    The grid is the one ``prepare_volume`` would build for the whole CT, cut to the windows'
+    union, so each window holds the same voxels as on the whole prepared CT; only that block is
+    resampled, from a source crop with a two-voxel margin for the interpolation. On a 512x512x300
+    CT this replaces resampling 78 M voxels by resampling a few hundred thousand.
+    """
+    win = _windows_module()
+    oriented = win.canonical_orientation(volume)
+    affine, shape = win.prepared_grid(oriented, preset)
+    grid = Volume(np.broadcast_to(np.float32(0.0), shape), affine)  # geometry only, no voxels
+    kji_min, kji_max = _box_to_prepared_kji(grid, box_ras)
+    centers = [tuple(int(v) for v in c) for c in win.window_centers_for_box(grid, kji_min, kji_max, preset)]
+    size = np.array(preset.window, dtype=np.int64)
+    starts = np.rint(np.array(centers, dtype=np.float64)).astype(np.int64) - size // 2
+    lo = np.clip(starts.min(axis=0), 0, np.array(shape))
+    hi = np.clip((starts + size).max(axis=0), lo + 1, np.array(shape))
+    block_affine = affine.copy()
+    block_affine[:3, 3] = affine[:3, :3] @ lo[::-1].astype(np.float64) + affine[:3, 3]
+    block_shape = tuple(int(v) for v in hi - lo)
+
+    # Source voxels that can contribute to the block (its corners in source IJK, plus a margin).
+    n = np.array(block_shape[::-1], dtype=np.float64) - 1
+    corners = np.array([[i, j, k] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])])
+    block_ras = (np.c_[corners, np.ones(8)] @ block_affine.T)[:, :3]
+    src_ijk = oriented.ras_to_ijk_points(block_ras)
+    src_shape_ijk = np.array(oriented.shape[::-1])
+    src_lo = np.clip(np.floor(src_ijk.min(axis=0)).astype(np.int64) - 2, 0, src_shape_ijk - 1)
+    src_hi = np.clip(np.ceil(src_ijk.max(axis=0)).astype(np.int64) + 3, src_lo + 1, src_shape_ijk)
+    crop_affine = oriented.ijk_to_ras.copy()
+    crop_affine[:3, 3] = oriented.ijk_to_ras[:3, :3] @ src_lo.astype(np.float64) + oriented.ijk_to_ras[:3, 3]
+    crop = oriented.array[src_lo[2] : src_hi[2], src_lo[1] : src_hi[1], src_lo[0] : src_hi[0]]
+    crop = np.nan_to_num(crop.astype(np.float32), nan=win.AIR_HU, posinf=win.AIR_HU, neginf=win.AIR_HU)
+    block = resample_to_grid(Volume(crop, crop_affine), block_affine, block_shape, "linear", default=win.AIR_HU)
+    prepared = Volume(block.array.astype(np.float32, copy=False), block_affine, {**volume.meta, "preset": preset.name})
+    return prepared, [tuple(int(v) for v in np.array(c) - lo) for c in centers]
 
 
 def _box_to_prepared_kji(prepared: Volume, box_ras: tuple[np.ndarray, np.ndarray]) -> tuple[tuple, tuple]:
