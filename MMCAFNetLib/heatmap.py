@@ -290,23 +290,22 @@ def heatmap_volume(canvas: WindowCanvas, target: Volume) -> Volume:
     the canvas is 0 outside the evaluated windows): a lesion's windows touch a small part of a CT.
     """
     values = np.zeros(target.shape, dtype=np.float32)
-    block = _target_block(canvas, target)
+    block = target_block(canvas, target)
     if block is not None:
         lo, hi = block
         affine = target.ijk_to_ras.copy()
         affine[:3, 3] = target.ijk_to_ras[:3, :3] @ lo[::-1].astype(np.float64) + target.ijk_to_ras[:3, 3]
-        values[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = resample_to_grid(
-            canvas.normalised(), canvas.ijk_to_ras, affine, tuple(int(v) for v in hi - lo)
-        )
-    np.clip(values, 0.0, 1.0, out=values)
-    peak = float(values.max()) if values.size else 0.0
-    if 0.0 < peak < 1.0:  # interpolation can miss the canvas maximum; keep the CT-grid peak at 1
-        values *= np.float32(1.0 / peak)
-        np.clip(values, 0.0, 1.0, out=values)
+        part = resample_to_grid(canvas.normalised(), canvas.ijk_to_ras, affine, tuple(int(v) for v in hi - lo))
+        np.clip(part, 0.0, 1.0, out=part)
+        peak = float(part.max()) if part.size else 0.0
+        if 0.0 < peak < 1.0:  # interpolation can miss the canvas maximum; keep the CT-grid peak at 1
+            part *= np.float32(1.0 / peak)
+            np.clip(part, 0.0, 1.0, out=part)
+        values[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = part
     return Volume(values, target.ijk_to_ras.copy(), _geometry_meta(target, kind="heatmap"))
 
 
-def _target_block(canvas: WindowCanvas, target: Volume) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def target_block(canvas: WindowCanvas, target: Volume) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(lo, hi) (k, j, i), hi exclusive: the target voxels within one voxel of the canvas's extent."""
     n = np.array(canvas.shape[::-1], dtype=np.float64) - 0.5
     corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0]) for j in (-0.5, n[1]) for k in (-0.5, n[2])])
@@ -320,12 +319,21 @@ def _target_block(canvas: WindowCanvas, target: Volume) -> Optional[tuple[np.nda
     return lo[::-1], hi[::-1]
 
 
-def labelmap_volume(heatmap: Volume, label_value: int, threshold: float) -> Volume:
-    """uint8: ``label_value`` where the heatmap is >= ``threshold`` (and above 0), 0 elsewhere."""
+def labelmap_volume(
+    heatmap: Volume, label_value: int, threshold: float, block: Optional[tuple[np.ndarray, np.ndarray]] = None
+) -> Volume:
+    """uint8: ``label_value`` where the heatmap is >= ``threshold`` (and above 0), 0 elsewhere.
+
+    ``block`` ((lo, hi) in k, j, i) limits the work to the part of the grid where the heatmap can
+    be non-zero (``target_block``); outside it the labelmap is 0 either way.
+    """
     if not 0 < int(label_value) < 256:
         raise ValueError(f"label value {label_value} does not fit a uint8 labelmap")
-    mask = (heatmap.array >= threshold) & (heatmap.array > 0)
-    labels = np.where(mask, np.uint8(label_value), np.uint8(0)).astype(np.uint8)
+    labels = np.zeros(heatmap.shape, dtype=np.uint8)
+    lo, hi = block if block is not None else (np.zeros(3, dtype=np.int64), np.array(heatmap.shape))
+    region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    values = heatmap.array[region]
+    labels[region][(values >= threshold) & (values > 0)] = np.uint8(label_value)
     return Volume(labels, heatmap.ijk_to_ras.copy(), _geometry_meta(heatmap, kind="labelmap"))
 
 

@@ -72,9 +72,10 @@ class Window:
 # Preparing a volume
 
 
-def canonical_orientation(volume: Volume) -> Volume:
+def canonical_orientation(volume: Volume, contiguous: bool = True) -> Volume:
     """The same voxels with axes permuted and flipped so i, j, k point (as nearly as the grid
-    allows) to patient left, posterior and superior. Exact: no interpolation."""
+    allows) to patient left, posterior and superior. Exact: no interpolation. With
+    ``contiguous=False`` the array is a view of the input (nothing copied)."""
     directions = volume.directions  # columns: RAS direction of i, j, k
     # source axis (0=i, 1=j, 2=k) best aligned with each canonical axis
     score = np.abs(CANONICAL_DIRECTIONS.T @ directions)  # [target axis, source axis]
@@ -103,7 +104,7 @@ def canonical_orientation(volume: Volume) -> Volume:
             origin = origin + m[:3, order[t]] * (shape_ijk[order[t]] - 1)
             arr = np.flip(arr, axis=2 - t)
     new[:3, 3] = origin
-    return Volume(np.ascontiguousarray(arr), new, dict(volume.meta))
+    return Volume(np.ascontiguousarray(arr) if contiguous else arr, new, dict(volume.meta))
 
 
 def _finite_hu(volume: Volume) -> Volume:

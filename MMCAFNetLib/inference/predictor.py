@@ -261,7 +261,7 @@ class Predictor:
             _check_cancel(cancel)
             heat_vol = hm.heatmap_volume(canvas, volume)
             heat_vol.meta.update(method=heatmap, predicted_class=self.class_names[predicted])
-            label_vol = hm.labelmap_volume(heat_vol, label_value, float(threshold))
+            label_vol = hm.labelmap_volume(heat_vol, label_value, float(threshold), hm.target_block(canvas, volume))
             timings["heatmap_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
 
@@ -485,7 +485,7 @@ def prepare_lesion_region(
     CT this replaces resampling 78 M voxels by resampling a few hundred thousand.
     """
     win = _windows_module()
-    oriented = win.canonical_orientation(volume)
+    oriented = win.canonical_orientation(volume, contiguous=False)  # a view: only the crop is copied
     affine, shape = win.prepared_grid(oriented, preset)
     grid = Volume(np.broadcast_to(np.float32(0.0), shape), affine)  # geometry only, no voxels
     kji_min, kji_max = _box_to_prepared_kji(grid, box_ras)
