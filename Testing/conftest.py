@@ -35,3 +35,14 @@ def mrml_scene():
     yield scene
     scene.Clear(1)
     del slicer.mrmlScene, slicer.modules
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Many small torch ops run far faster on one thread than on two when the cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

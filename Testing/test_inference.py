@@ -19,14 +19,7 @@ from MMCAFNetLib.results import CLASS_LABELS, Cancelled
 from MMCAFNetLib.synthetic import make_case
 from MMCAFNetLib.volume import LPS_TO_RAS, Volume
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Many small ops on a shared 2-core machine run far faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

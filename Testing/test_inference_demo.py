@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from MMCAFNetLib import heatmap as hm
 from MMCAFNetLib.inference import Predictor
@@ -31,12 +30,7 @@ def demo_predictor():
     return Predictor.load(path, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

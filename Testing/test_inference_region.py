@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from test_inference_support import write_untrained_checkpoint
 
 from MMCAFNetLib.inference import Predictor
 from MMCAFNetLib.synthetic import make_case
 from MMCAFNetLib.volume import Volume
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

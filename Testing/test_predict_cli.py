@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from test_inference_support import write_untrained_checkpoint
 
 from MMCAFNetLib.cli import main
@@ -16,13 +15,7 @@ from MMCAFNetLib.inference import OUTPUT_FILES
 from MMCAFNetLib.synthetic import make_case
 from MMCAFNetLib.volume import read_volume, write_volume
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
