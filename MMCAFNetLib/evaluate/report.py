@@ -25,6 +25,7 @@ from MMCAFNetLib.evaluate.metrics import (
     multiclass_metrics,
     roc_auc,
 )
+from MMCAFNetLib.plain import to_plain
 
 #: The paper's results-table columns, in its order: (column title, metrics key).
 PAPER_COLUMNS = (
@@ -113,17 +114,7 @@ def evaluate_patients(
          "probability": (float(pp) if np.ndim(pp) == 0 else [float(v) for v in pp])}
         for pid, t, pp in zip(patient_ids, y, p)
     ]
-    return _plain(result)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    return to_plain(result)
 
 
 def _fmt(v: Any) -> str:
@@ -226,7 +217,7 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str, model
     if context.get("notes"):
         lines += ["## Notes", "", *context["notes"], ""]
     _write_text(out / "report.md", "\n".join(lines))
-    _write_text(out / "metrics.json", json.dumps({**metrics, "context": _plain(context)}, indent=2) + "\n")
+    _write_text(out / "metrics.json", json.dumps({**metrics, "context": to_plain(context)}, indent=2) + "\n")
     csv_lines = ["patient_id,label," + (f"p_{names[1]}" if binary else ",".join(f"p_{n}" for n in names))]
     for r in patients:
         pr = r["probability"]

@@ -16,8 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
+from MMCAFNetLib.plain import to_plain
 from MMCAFNetLib.results import Classification
 from MMCAFNetLib.volume import Volume
 
@@ -55,7 +54,7 @@ def prediction_dict(
         "heatmap_threshold": float(result.threshold),
         "label_value": int(result.label_value),
         "lesion_box_ras": result.model.get("lesion_box_ras"),
-        "clinical_record": _plain(record) if record is not None else None,
+        "clinical_record": _json_plain(record) if record is not None else None,
         "windows": [
             {
                 "center_ras": [round(float(v), 3) for v in w.center_ras],
@@ -65,29 +64,12 @@ def prediction_dict(
             for w in result.windows
         ],
         "timings": {k: round(float(v), 4) for k, v in result.timings.items()},
-        "model": _plain(result.model),
+        "model": _json_plain(result.model),
         "warnings": list(result.warnings),
         "note": DEMO_NOTE if demo else RESEARCH_NOTE,
         "library_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _plain(value: Any) -> Any:
-    """Make numpy scalars/arrays and paths JSON-serialisable."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def write_outputs(
@@ -151,3 +133,8 @@ def _publish(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
             if stale not in names and (out_dir / stale).is_file():
                 (out_dir / stale).unlink()
     return {name: out_dir / name for name in names}
+
+
+def _json_plain(value: Any) -> Any:
+    """Strict JSON: NaN and infinities become null."""
+    return to_plain(value, nonfinite_as_none=True)

@@ -42,6 +42,7 @@ from MMCAFNetLib.evaluate.metrics import (
     roc_auc,
     select_threshold,
 )
+from MMCAFNetLib.plain import to_plain as plain
 from MMCAFNetLib.train import distributed as D
 from MMCAFNetLib.train.config import TrainConfig
 from MMCAFNetLib.train.losses import build_loss
@@ -62,23 +63,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def plain(value: Any) -> Any:
-    """numpy scalars/arrays -> Python floats/ints/lists, so metrics survive JSON and weights_only."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return plain(value.tolist())
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def seed_everything(seed: int) -> None:
