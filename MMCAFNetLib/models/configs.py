@@ -49,6 +49,9 @@ class ImageEncoderConfig(BaseConfig):
     dcfb_expansion: int = 2
     dcfb_kernels: Tuple[int, ...] = (1, 3, 5)
     bfpu_conv: str = "dense"  # "dense" (reference) or "separable" (depthwise + pointwise)
+    #: "linear" (reference): the BFPU's per-voxel mixing weights are raw convolution outputs, so
+    #: its output scales like the square of its input; "sigmoid" bounds them to (0, 1).
+    bfpu_gate: str = "linear"
     readout_dropout: float = 0.5
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class ImageEncoderConfig(BaseConfig):
             raise ValueError(
                 f"stage_channels must double from level to level (the pyramid halves them back), got {channels}"
             )
+        if self.bfpu_gate not in ("linear", "sigmoid"):
+            raise ValueError(f"bfpu_gate must be 'linear' or 'sigmoid', got {self.bfpu_gate!r}")
         if self.bfpu_conv not in ("dense", "separable"):
             raise ValueError(f"bfpu_conv must be 'dense' or 'separable', got {self.bfpu_conv!r}")
         if not 0.0 < self.final_survival_prob <= 1.0:

@@ -31,13 +31,15 @@ class ImageEncoder(nn.Module):
         dcfb_kernels: Sequence[int] = (1, 3, 5),
         bfpu_conv: str = "dense",
         readout_dropout: float = 0.5,
+        bfpu_gate: str = "linear",
     ) -> None:
         super().__init__()
         self.backbone = PENetBackbone(
             stem_channels, stage_channels, stage_blocks, cardinality, se_reduction, final_survival_prob, input_replicas
         )
         self.pyramid = FeaturePyramid(
-            stage_channels, level_dropout, cab_reduction, sab_kernel, dcfb_expansion, dcfb_kernels, bfpu_conv
+            stage_channels, level_dropout, cab_reduction, sab_kernel, dcfb_expansion, dcfb_kernels, bfpu_conv,
+            bfpu_gate,
         )
         self.readout = Readout(stage_channels[-1], embed_dim, readout_dropout)
         self.stride = self.backbone.stride

@@ -36,6 +36,7 @@ def build_image_encoder(config: ImageEncoderConfig) -> ImageEncoder:
         dcfb_expansion=config.dcfb_expansion,
         dcfb_kernels=tuple(config.dcfb_kernels),
         bfpu_conv=config.bfpu_conv,
+        bfpu_gate=config.bfpu_gate,
         readout_dropout=config.readout_dropout,
     )
 

@@ -60,8 +60,9 @@ class BFPU(nn.Module):
     per-voxel weights predicted from their concatenation; the two mixes are summed.
     """
 
-    def __init__(self, channels: int, conv: str = "dense") -> None:
+    def __init__(self, channels: int, conv: str = "dense", gate: str = "linear") -> None:
         super().__init__()
+        self.bounded = gate == "sigmoid"
         self.adjust = nn.Conv3d(channels // 2, channels, 1, bias=True)
         self.query = conv3x3x3(channels, channels, conv)
         self.key = conv3x3x3(channels, channels, conv)
@@ -74,6 +75,8 @@ class BFPU(nn.Module):
         x_att, y_att = x * attention, y * attention
         gx = self.gate_deep(torch.cat([x, x_att], dim=1))
         gy = self.gate_shallow(torch.cat([y, y_att], dim=1))
+        if self.bounded:
+            gx, gy = torch.sigmoid(gx), torch.sigmoid(gy)
         return x * gx[:, 0:1] + x_att * gx[:, 1:2] + y * gy[:, 0:1] + y_att * gy[:, 1:2]
 
 
@@ -91,6 +94,7 @@ class FeaturePyramid(nn.Module):
         dcfb_expansion: int = 2,
         dcfb_kernels: Sequence[int] = (1, 3, 5),
         bfpu_conv: str = "dense",
+        bfpu_gate: str = "linear",
     ) -> None:
         super().__init__()
         channels = tuple(channels)
@@ -99,7 +103,7 @@ class FeaturePyramid(nn.Module):
         self.msca = nn.ModuleList(E3DMSCA(c, cab_reduction, dcfb_expansion, dcfb_kernels) for c in channels)
         # ucb[i] lifts level i+1 onto level i; bfpu[i] merges level i+1 with the path below it.
         self.ucb = nn.ModuleList(UCB(c) for c in channels[1:])
-        self.bfpu = nn.ModuleList(BFPU(c, bfpu_conv) for c in channels[1:])
+        self.bfpu = nn.ModuleList(BFPU(c, bfpu_conv, bfpu_gate) for c in channels[1:])
         self.out_channels = channels[-1]
 
     def forward(self, levels: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
