@@ -17,43 +17,26 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 synthetic = pytest.importorskip("MMCAFNetLib.synthetic", reason="the synthetic cohort writer is not available")
 
+from train_support import TINY_MODEL as BASE_MODEL  # noqa: E402
+from train_support import TINY_PRESET, tiny_cohort  # noqa: E402
+
 from MMCAFNetLib.checkpoint import load_checkpoint  # noqa: E402
 from MMCAFNetLib.cli import main as cli_main  # noqa: E402
 
+#: The shared tiny network with nothing random inside it.
 TINY_MODEL = {
-    "stem_channels": 8,
-    "stage_channels": [16, 32, 64],
-    "stage_blocks": [1, 1, 1],
-    "cardinality": 4,
-    "se_reduction": 4,
-    "cab_reduction": 4,
-    # nothing random inside the network
+    **BASE_MODEL,
     "final_survival_prob": 1.0,
     "level_dropout": 0.0,
     "readout_dropout": 0.0,
     "fusion_dropout": 0.0,
 }
-TINY_PRESET = {"name": "tiny", "spacing": [4.0, 4.0, 4.0], "window": [8, 32, 32], "hu_range": [-1000.0, 400.0], "mean": 0.3}
-
-
-def tiny_cohort(tmp_path_factory) -> Path:
-    """Same cohort as Testing/test_train.py (shared when both run in one session)."""
-    from MMCAFNetLib.dataset import index_download, write_cohort
-
-    base = tmp_path_factory.getbasetemp() / "tiny-train-cohort"
-    table = base / "cohort.csv"
-    if not table.is_file():
-        written = synthetic.write_cohort(base / "data", patients=12, seed=3, size=64, classes="A,G", extra_series=False)
-        result = index_download(written.root, seed=0, test_fraction=0.0, val_fraction=0.34)
-        write_cohort(result.cohort, table)
-    return table
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,34 +13,12 @@ import torch
 
 synthetic = pytest.importorskip("MMCAFNetLib.synthetic", reason="the synthetic cohort writer is not available")
 
+from train_support import TINY_MODEL, TINY_PRESET, tiny_cohort  # noqa: E402
+
 from MMCAFNetLib.checkpoint import REQUIRED_KEYS, load_checkpoint  # noqa: E402
 from MMCAFNetLib.cli import main as cli_main  # noqa: E402
 from MMCAFNetLib.evaluate.metrics import binary_metrics, roc_auc, select_threshold  # noqa: E402
 from MMCAFNetLib.train.config import resolve_config  # noqa: E402
-
-#: The smallest sensible network: every stage one block of a few channels, no stochastic layers.
-TINY_MODEL = {
-    "stem_channels": 8,
-    "stage_channels": [16, 32, 64],
-    "stage_blocks": [1, 1, 1],
-    "cardinality": 4,
-    "se_reduction": 4,
-    "cab_reduction": 4,
-}
-TINY_PRESET = {"name": "tiny", "spacing": [4.0, 4.0, 4.0], "window": [8, 32, 32], "hu_range": [-1000.0, 400.0], "mean": 0.3}
-
-
-def tiny_cohort(tmp_path_factory) -> Path:
-    """12 synthetic patients (8 A, 4 G) at 64 px, indexed; 4 of them validation. Built once per session."""
-    from MMCAFNetLib.dataset import index_download, write_cohort
-
-    base = tmp_path_factory.getbasetemp() / "tiny-train-cohort"
-    table = base / "cohort.csv"
-    if not table.is_file():
-        written = synthetic.write_cohort(base / "data", patients=12, seed=3, size=64, classes="A,G", extra_series=False)
-        result = index_download(written.root, seed=0, test_fraction=0.0, val_fraction=0.34)
-        write_cohort(result.cohort, table)
-    return table
 
 
 def tiny_config(**overrides):
