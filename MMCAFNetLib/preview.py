@@ -9,12 +9,12 @@ imported only here, lazily, with the Agg backend, so the library stays usable wi
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from MMCAFNetLib.atomic import atomic_output
 from MMCAFNetLib.volume import Volume
 
 CT_WINDOW = (-1200.0, 400.0)  # HU shown from black to white: lung and soft tissue
@@ -136,12 +136,6 @@ def render_preview(
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -7,11 +7,12 @@ import csv
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from MMCAFNetLib.atomic import atomic_output
 
 #: Clinical flags -> record field names (the paper's seven fields).
 CLINICAL_FLAGS = {
@@ -339,13 +340,7 @@ def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
         for k in r:
             if k not in columns:
                 columns.append(k)
-    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from MMCAFNetLib.atomic import atomic_output
 from MMCAFNetLib.ehr import PAPER_FIELDS, ClinicalSchema
 from MMCAFNetLib.results import CLASS_LABELS
 
@@ -41,15 +40,8 @@ def write_cohort(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the table as CSV atomically (temporary file in the same folder, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            df.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        df.to_csv(handle, index=False)
     return path
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from MMCAFNetLib.atomic import write_text_atomic
 from MMCAFNetLib.evaluate.metrics import (
     binary_metrics,
     bootstrap_ci,
@@ -141,17 +140,6 @@ def results_table(rows: Sequence[tuple[str, dict[str, Any]]], with_ci: bool = Tr
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str, model_label: str,
                  context: Optional[dict[str, Any]] = None) -> Path:
     """Write metrics.json, predictions.csv, roc.png, calibration.png and report.md into ``out_dir``."""
@@ -216,11 +204,11 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str, model
     lines += ["## Plots", "", "![ROC](roc.png)", "", "![Calibration](calibration.png)", ""]
     if context.get("notes"):
         lines += ["## Notes", "", *context["notes"], ""]
-    _write_text(out / "report.md", "\n".join(lines))
-    _write_text(out / "metrics.json", json.dumps({**metrics, "context": to_plain(context)}, indent=2) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines))
+    write_text_atomic(out / "metrics.json", json.dumps({**metrics, "context": to_plain(context)}, indent=2) + "\n")
     csv_lines = ["patient_id,label," + (f"p_{names[1]}" if binary else ",".join(f"p_{n}" for n in names))]
     for r in patients:
         pr = r["probability"]
         csv_lines.append(f"{r['patient_id']},{r['label']}," + (f"{pr:.6f}" if binary else ",".join(f"{v:.6f}" for v in pr)))
-    _write_text(out / "predictions.csv", "\n".join(csv_lines) + "\n")
+    write_text_atomic(out / "predictions.csv", "\n".join(csv_lines) + "\n")
     return out / "report.md"

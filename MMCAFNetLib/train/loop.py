@@ -20,10 +20,8 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from MMCAFNetLib import __version__
+from MMCAFNetLib import __version__, atomic
 from MMCAFNetLib.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from MMCAFNetLib.evaluate.aggregation import aggregate_by_patient
 from MMCAFNetLib.evaluate.metrics import (
@@ -55,14 +53,7 @@ BEST = "best.pt"
 # ----------------------------------------------------------------------------- small utilities
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text_atomic(path, text, newline="")
 
 
 def seed_everything(seed: int) -> None:
