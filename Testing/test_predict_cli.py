@@ -225,3 +225,20 @@ def test_demo_without_the_bundled_model_says_so(tmp_path, monkeypatch, capsys) -
     assert main(["demo", "--out", str(tmp_path / "o")]) == 2
     assert "demo model is missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_without_matplotlib_the_preview_is_skipped_with_a_message(tmp_path) -> None:
+    """matplotlib is not a run-time dependency: demo still writes the three other files."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from MMCAFNetLib.cli import main\n"
+        f"raise SystemExit(main(['demo', '--out', {str(out)!r}]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["heatmap.nrrd", "labelmap.nrrd", "prediction.json"]
+    assert "preview.png was not written" in run.stderr and "matplotlib" in run.stderr

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -107,7 +108,13 @@ def write_outputs(
             write_volume(result.heatmap, tmp / "heatmap.nrrd")
         if result.labelmap is not None:
             write_volume(result.labelmap, tmp / "labelmap.nrrd")
-        if preview:
+        if preview and not _has_matplotlib():
+            warnings.warn(
+                "preview.png was not written: it needs matplotlib (pip install matplotlib, or the "
+                "package's [train] extra); the prediction, heatmap and labelmap are complete",
+                stacklevel=2,
+            )
+        elif preview:
             title = result.decision_text()
             if result.model.get("demo"):
                 title += "   DEMO model, synthetic data, not for clinical use"
@@ -138,3 +145,12 @@ def _publish(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
 def _json_plain(value: Any) -> Any:
     """Strict JSON: NaN and infinities become null."""
     return to_plain(value, nonfinite_as_none=True)
+
+
+def _has_matplotlib() -> bool:
+    """preview.png needs matplotlib, which is not a run-time dependency (Slicer users need no PNG)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
