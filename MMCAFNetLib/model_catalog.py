@@ -263,13 +263,7 @@ def add_model_from_file(
     if source.suffix.lower() == ".zip":  # (a .pt file is itself a zip: decide by name)
         if not zipfile.is_zipfile(source):
             raise CatalogError(f"{source.name} is not a readable zip archive")
-        extracted = extract_archive(source, folder)
-        checkpoints = [p for p in extracted if p.suffix in CHECKPOINT_SUFFIXES]
-        if len(checkpoints) != 1:
-            for p in extracted:
-                p.unlink(missing_ok=True)
-            raise CatalogError(f"{source} must hold exactly one .pt checkpoint; it holds {len(checkpoints)}")
-        return _register(checkpoints[0], title)
+        return _register(extract_archive(source, folder), title)
     if source.suffix not in CHECKPOINT_SUFFIXES:
         raise CatalogError(f"{source.name}: expected a .pt/.pth checkpoint or a .zip holding one")
     facts = _describe_checkpoint(source)  # refuses pickled code before copying
@@ -299,8 +293,23 @@ def _register(path: Path, title: Optional[str], facts: Optional[dict[str, Any]] 
     return next(e for e in user_models(path.parent) if Path(e.file or "") == path)
 
 
-def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike) -> list[Path]:
-    """Extract a zip into ``folder``, refusing any member that would land outside it."""
+#: Largest checkpoint taken from an archive (``mmcafnet`` in float32 is about 360 MB): a bound on
+#: what a hostile archive can make us write, whatever its headers claim.
+MAX_ARCHIVE_CHECKPOINT_BYTES = 4 << 30
+
+
+def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike,
+                    max_bytes: int = MAX_ARCHIVE_CHECKPOINT_BYTES) -> Path:
+    """Extract the one checkpoint a zip holds into ``folder`` and return its path.
+
+    Checked before anything is written: no member may point outside ``folder`` or be a symbolic
+    link, exactly one member is a checkpoint, it is not larger than ``max_bytes``, and no file of
+    that name is in ``folder`` yet (an archive never replaces a model). The bytes are counted while
+    copying, so a member whose header understates its size is stopped at the limit too. Other
+    members are not extracted. The checkpoint is written under a temporary name and renamed when
+    complete.
+    """
+    name = Path(archive).name
     root = Path(folder).resolve()
     with zipfile.ZipFile(archive) as zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
@@ -308,19 +317,34 @@ def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike) -> li
             target = (root / member.filename).resolve()
             if member.filename.startswith(("/", "\\")) or (root != target and root not in target.parents):
                 raise CatalogError(
-                    f"{Path(archive).name}: member {member.filename!r} would be written outside the models "
-                    "folder; the archive is refused"
+                    f"{name}: member {member.filename!r} would be written outside the models folder; "
+                    "the archive is refused"
                 )
             if (member.external_attr >> 16) & 0o170000 == 0o120000:
-                raise CatalogError(f"{Path(archive).name}: member {member.filename!r} is a symbolic link; refused")
-        written = []
-        for member in members:
-            target = root / member.filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(member) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            written.append(target)
-    return written
+                raise CatalogError(f"{name}: member {member.filename!r} is a symbolic link; refused")
+        checkpoints = [m for m in members if Path(m.filename).suffix in CHECKPOINT_SUFFIXES]
+        if len(checkpoints) != 1:
+            raise CatalogError(f"{name} must hold exactly one .pt checkpoint; it holds {len(checkpoints)}")
+        member = checkpoints[0]
+        too_big = (f"{name}: {member.filename!r} is larger than {max_bytes / 2**30:.1f} GiB, more than any "
+                   "MMCAF-Net checkpoint; the archive is refused")
+        if member.file_size > max_bytes:
+            raise CatalogError(too_big)
+        target = root / member.filename
+        if target.exists():
+            raise CatalogError(
+                f"{name}: a model file {member.filename!r} is already in the models folder; remove that model "
+                "first or rename the checkpoint inside the archive"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(target) as tmp, zf.open(member) as src, open(tmp, "wb") as dst:
+            written = 0
+            for block in iter(lambda: src.read(1 << 20), b""):
+                written += len(block)
+                if written > max_bytes:
+                    raise CatalogError(too_big)
+                dst.write(block)
+    return target
 
 
 def _redirect_guard(allow_http: bool):

@@ -145,6 +145,46 @@ def test_archives_are_extracted_only_inside_the_models_folder(tmp_path):
         mc.extract_archive(absolute, models)
 
 
+
+def test_an_archive_never_replaces_a_model_and_brings_only_its_checkpoint(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.pt")
+    models = tmp_path / "models"
+    archive = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(ckpt, "m.pt")
+        zf.writestr("README.txt", "notes")
+    entry = mc.add_model_from_file(archive, models)
+    assert Path(entry.file) == models / "m.pt"
+    assert not (models / "README.txt").exists(), "only the checkpoint is extracted"
+    before = (models / "m.pt").read_bytes()
+
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("m.pt", b"a different file under the same name")
+    with pytest.raises(mc.CatalogError, match="already in the models folder"):
+        mc.add_model_from_file(other, models)
+    assert (models / "m.pt").read_bytes() == before
+
+    two = tmp_path / "two.zip"
+    with zipfile.ZipFile(two, "w") as zf:
+        zf.write(ckpt, "a.pt")
+        zf.write(ckpt, "b.pt")
+    with pytest.raises(mc.CatalogError, match="exactly one"):
+        mc.add_model_from_file(two, models)
+    assert sorted(p.name for p in models.iterdir() if p.suffix == ".pt") == ["m.pt"]
+
+
+def test_an_oversized_archive_member_is_refused_before_anything_is_written(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("big.pt", bytes(4096))  # compresses to a few bytes: the shape of a zip bomb
+    with pytest.raises(mc.CatalogError, match="larger than"):
+        mc.extract_archive(archive, models, max_bytes=1024)
+    assert not list(models.iterdir())
+
+
 @pytest.fixture
 def local_http(tmp_path):
     """A real HTTP server on the loopback interface serving tmp_path/www."""
