@@ -123,20 +123,25 @@ def test_files_holding_pickled_code_are_refused_before_copying(tmp_path):
         mc.add_model_from_file(text, models)
 
 
+def _zip(path: Path, members: dict[str, bytes | Path]) -> Path:
+    """An archive holding ``members`` (name -> bytes, or a file to copy in)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            if isinstance(data, Path):
+                zf.write(data, name)
+            else:
+                zf.writestr(name, data)
+    return path
+
+
 def test_archives_are_extracted_only_inside_the_models_folder(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.pt")
     models = tmp_path / "models"
-    good = tmp_path / "good.zip"
-    with zipfile.ZipFile(good, "w") as zf:
-        zf.write(ckpt, "inner/m.pt")
-    entry = mc.add_model_from_file(good, models)
+    entry = mc.add_model_from_file(_zip(tmp_path / "good.zip", {"inner/m.pt": ckpt}), models)
     assert Path(entry.file) == models / "inner" / "m.pt"
 
-    evil = tmp_path / "evil.zip"
-    with zipfile.ZipFile(evil, "w") as zf:
-        zf.write(ckpt, "../escaped.pt")
     with pytest.raises(mc.CatalogError, match="outside the models folder"):
-        mc.add_model_from_file(evil, models)
+        mc.add_model_from_file(_zip(tmp_path / "evil.zip", {"../escaped.pt": ckpt}), models)
     assert not (tmp_path / "escaped.pt").exists()
     absolute = tmp_path / "absolute.zip"
     with zipfile.ZipFile(absolute, "w") as zf:
@@ -145,32 +150,21 @@ def test_archives_are_extracted_only_inside_the_models_folder(tmp_path):
         mc.extract_archive(absolute, models)
 
 
-
 def test_an_archive_never_replaces_a_model_and_brings_only_its_checkpoint(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.pt")
     models = tmp_path / "models"
-    archive = tmp_path / "bundle.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.write(ckpt, "m.pt")
-        zf.writestr("README.txt", "notes")
-    entry = mc.add_model_from_file(archive, models)
+    entry = mc.add_model_from_file(_zip(tmp_path / "bundle.zip", {"m.pt": ckpt, "README.txt": b"notes"}), models)
     assert Path(entry.file) == models / "m.pt"
     assert not (models / "README.txt").exists(), "only the checkpoint is extracted"
     before = (models / "m.pt").read_bytes()
 
-    other = tmp_path / "other.zip"
-    with zipfile.ZipFile(other, "w") as zf:
-        zf.writestr("m.pt", b"a different file under the same name")
+    other = _zip(tmp_path / "other.zip", {"m.pt": b"a different file under the same name"})
     with pytest.raises(mc.CatalogError, match="already in the models folder"):
         mc.add_model_from_file(other, models)
     assert (models / "m.pt").read_bytes() == before
 
-    two = tmp_path / "two.zip"
-    with zipfile.ZipFile(two, "w") as zf:
-        zf.write(ckpt, "a.pt")
-        zf.write(ckpt, "b.pt")
     with pytest.raises(mc.CatalogError, match="exactly one"):
-        mc.add_model_from_file(two, models)
+        mc.add_model_from_file(_zip(tmp_path / "two.zip", {"a.pt": ckpt, "b.pt": ckpt}), models)
     assert sorted(p.name for p in models.iterdir() if p.suffix == ".pt") == ["m.pt"]
 
 
@@ -183,7 +177,6 @@ def test_an_oversized_archive_member_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(mc.CatalogError, match="larger than"):
         mc.extract_archive(archive, models, max_bytes=1024)
     assert not list(models.iterdir())
-
 
 @pytest.fixture
 def local_http(tmp_path):
