@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from MMCAFNetLib.volume import Volume
+from MMCAFNetLib.volume import Volume, grid_corners_ras
 
 _AXIS_TOL = 1e-6
 
@@ -307,10 +307,7 @@ def heatmap_volume(canvas: WindowCanvas, target: Volume) -> Volume:
 
 def target_block(canvas: WindowCanvas, target: Volume) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(lo, hi) (k, j, i), hi exclusive: the target voxels within one voxel of the canvas's extent."""
-    n = np.array(canvas.shape[::-1], dtype=np.float64) - 0.5
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0]) for j in (-0.5, n[1]) for k in (-0.5, n[2])])
-    ras = corners @ canvas.ijk_to_ras.T
-    ijk = (ras @ np.linalg.inv(target.ijk_to_ras).T)[:, :3]
+    ijk = target.ras_to_ijk_points(grid_corners_ras(canvas.ijk_to_ras, canvas.shape))
     upper = np.array(target.shape[::-1])
     lo = np.clip(np.floor(ijk.min(axis=0)).astype(np.int64) - 1, 0, upper)
     hi = np.clip(np.ceil(ijk.max(axis=0)).astype(np.int64) + 2, 0, upper)

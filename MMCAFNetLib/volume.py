@@ -9,7 +9,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -116,6 +116,14 @@ def make_ijk_to_ras(
     m[:3, 3] = origin
     return m
 
+
+
+def grid_corners_ras(ijk_to_ras: np.ndarray, shape_kji: Sequence[int]) -> np.ndarray:
+    """(8, 3) RAS mm: the outer corners of a voxel grid (voxel edges, half a voxel beyond the
+    first and last voxel centres), for its physical extent on another grid."""
+    n = np.array(shape_kji[::-1], dtype=np.float64) - 0.5
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0]) for j in (-0.5, n[1]) for k in (-0.5, n[2])])
+    return (corners @ np.asarray(ijk_to_ras, dtype=np.float64).T)[:, :3]
 
 # ---------------------------------------------------------------------------------------------
 # Errors, the one LPS <-> RAS conversion, SimpleITK bridge

@@ -28,7 +28,7 @@ from MMCAFNetLib import heatmap as hm
 from MMCAFNetLib import memory_guard
 from MMCAFNetLib.preset import Preset, get_preset
 from MMCAFNetLib.results import CLASS_LABELS, Cancelled, Classification, WindowResult
-from MMCAFNetLib.volume import Volume, resample_to_grid
+from MMCAFNetLib.volume import Volume, grid_corners_ras, resample_to_grid
 
 ProgressCallback = Callable[[int, int], None]
 Lesion = Union[None, Sequence[float], np.ndarray, Volume]
@@ -526,14 +526,8 @@ def _box_to_prepared_kji(prepared: Volume, box_ras: tuple[np.ndarray, np.ndarray
     return tuple(int(v) for v in ijk_lo[::-1]), tuple(int(v) for v in ijk_hi[::-1])
 
 
-def _window_corners(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]) -> np.ndarray:
-    n = np.array(shape_kji[::-1], dtype=float) - 0.5
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0]) for j in (-0.5, n[1]) for k in (-0.5, n[2])])
-    return (corners @ ijk_to_ras.T)[:, :3]
-
-
 def _window_box_ras(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]):
-    c = _window_corners(ijk_to_ras, shape_kji)
+    c = grid_corners_ras(ijk_to_ras, shape_kji)
     return tuple(float(v) for v in c.min(axis=0)), tuple(float(v) for v in c.max(axis=0))
 
 
