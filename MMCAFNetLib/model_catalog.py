@@ -304,10 +304,10 @@ def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike,
 
     Checked before anything is written: no member may point outside ``folder`` or be a symbolic
     link, exactly one member is a checkpoint, it is not larger than ``max_bytes``, and no file of
-    that name is in ``folder`` yet (an archive never replaces a model). The bytes are counted while
-    copying, so a member whose header understates its size is stopped at the limit too. Other
-    members are not extracted. The checkpoint is written under a temporary name and renamed when
-    complete.
+    that name is in ``folder`` yet (an archive never replaces a model). The size check on the
+    header is enough: ``zipfile`` never yields more bytes than the header states (a member that
+    holds more fails its CRC check), so no more than ``max_bytes`` is ever written. Other members
+    are not extracted. The checkpoint is written under a temporary name and renamed when complete.
     """
     name = Path(archive).name
     root = Path(folder).resolve()
@@ -326,10 +326,9 @@ def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike,
         if len(checkpoints) != 1:
             raise CatalogError(f"{name} must hold exactly one .pt checkpoint; it holds {len(checkpoints)}")
         member = checkpoints[0]
-        too_big = (f"{name}: {member.filename!r} is larger than {max_bytes / 2**30:.1f} GiB, more than any "
-                   "MMCAF-Net checkpoint; the archive is refused")
         if member.file_size > max_bytes:
-            raise CatalogError(too_big)
+            raise CatalogError(f"{name}: {member.filename!r} is larger than {max_bytes / 2**30:.1f} GiB, more than "
+                               "any MMCAF-Net checkpoint; the archive is refused")
         target = root / member.filename
         if target.exists():
             raise CatalogError(
@@ -338,12 +337,7 @@ def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike,
             )
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(target) as tmp, zf.open(member) as src, open(tmp, "wb") as dst:
-            written = 0
-            for block in iter(lambda: src.read(1 << 20), b""):
-                written += len(block)
-                if written > max_bytes:
-                    raise CatalogError(too_big)
-                dst.write(block)
+            shutil.copyfileobj(src, dst)
     return target
 
 

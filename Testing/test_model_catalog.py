@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import struct
 import threading
 import zipfile
 from pathlib import Path
@@ -176,6 +177,20 @@ def test_an_oversized_archive_member_is_refused_before_anything_is_written(tmp_p
         zf.writestr("big.pt", bytes(4096))  # compresses to a few bytes: the shape of a zip bomb
     with pytest.raises(mc.CatalogError, match="larger than"):
         mc.extract_archive(archive, models, max_bytes=1024)
+    assert not list(models.iterdir())
+
+
+def test_an_archive_member_larger_than_its_header_says_writes_nothing(tmp_path):
+    """The size check trusts the header because zipfile never yields more than it states."""
+    models = tmp_path / "models"
+    models.mkdir()
+    archive = _zip(tmp_path / "lying.zip", {"m.pt": bytes(100_000)})
+    data = bytearray(archive.read_bytes())
+    struct.pack_into("<I", data, data.find(b"PK\x01\x02") + 24, 1000)  # central directory: 1000 bytes
+    struct.pack_into("<I", data, data.find(b"PK\x03\x04") + 22, 1000)  # local header: 1000 bytes
+    archive.write_bytes(bytes(data))
+    with pytest.raises(zipfile.BadZipFile, match="CRC"):
+        mc.extract_archive(archive, models, max_bytes=2000)
     assert not list(models.iterdir())
 
 @pytest.fixture
