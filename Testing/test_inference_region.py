@@ -49,6 +49,4 @@ def test_region_and_whole_ct_preparation_agree(predictor, oblique):
     np.testing.assert_allclose(region.probabilities, whole.probabilities, rtol=1e-4, atol=1e-5)
     assert region.heatmap.same_geometry(ct) and region.labelmap.same_geometry(ct)
     np.testing.assert_allclose(region.heatmap.array, whole.heatmap.array, atol=2e-3)
-    assert np.array_equal(region.heatmap.array > 0, whole.heatmap.array > 0) or (
-        np.mean((region.heatmap.array > 0) != (whole.heatmap.array > 0)) < 1e-4
-    )
+    assert np.mean((region.heatmap.array > 0) != (whole.heatmap.array > 0)) < 1e-4

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from archive_support import make_zip
 
 from MMCAFNetLib import checkpoint as ck
 from MMCAFNetLib import model_catalog as mc
@@ -124,25 +125,14 @@ def test_files_holding_pickled_code_are_refused_before_copying(tmp_path):
         mc.add_model_from_file(text, models)
 
 
-def _zip(path: Path, members: dict[str, bytes | Path]) -> Path:
-    """An archive holding ``members`` (name -> bytes, or a file to copy in)."""
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members.items():
-            if isinstance(data, Path):
-                zf.write(data, name)
-            else:
-                zf.writestr(name, data)
-    return path
-
-
 def test_archives_are_extracted_only_inside_the_models_folder(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.pt")
     models = tmp_path / "models"
-    entry = mc.add_model_from_file(_zip(tmp_path / "good.zip", {"inner/m.pt": ckpt}), models)
+    entry = mc.add_model_from_file(make_zip(tmp_path / "good.zip", {"inner/m.pt": ckpt}), models)
     assert Path(entry.file) == models / "inner" / "m.pt"
 
     with pytest.raises(mc.CatalogError, match="outside the models folder"):
-        mc.add_model_from_file(_zip(tmp_path / "evil.zip", {"../escaped.pt": ckpt}), models)
+        mc.add_model_from_file(make_zip(tmp_path / "evil.zip", {"../escaped.pt": ckpt}), models)
     assert not (tmp_path / "escaped.pt").exists()
     absolute = tmp_path / "absolute.zip"
     with zipfile.ZipFile(absolute, "w") as zf:
@@ -154,18 +144,18 @@ def test_archives_are_extracted_only_inside_the_models_folder(tmp_path):
 def test_an_archive_never_replaces_a_model_and_brings_only_its_checkpoint(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.pt")
     models = tmp_path / "models"
-    entry = mc.add_model_from_file(_zip(tmp_path / "bundle.zip", {"m.pt": ckpt, "README.txt": b"notes"}), models)
+    entry = mc.add_model_from_file(make_zip(tmp_path / "bundle.zip", {"m.pt": ckpt, "README.txt": b"notes"}), models)
     assert Path(entry.file) == models / "m.pt"
     assert not (models / "README.txt").exists(), "only the checkpoint is extracted"
     before = (models / "m.pt").read_bytes()
 
-    other = _zip(tmp_path / "other.zip", {"m.pt": b"a different file under the same name"})
+    other = make_zip(tmp_path / "other.zip", {"m.pt": b"a different file under the same name"})
     with pytest.raises(mc.CatalogError, match="already in the models folder"):
         mc.add_model_from_file(other, models)
     assert (models / "m.pt").read_bytes() == before
 
     with pytest.raises(mc.CatalogError, match="exactly one"):
-        mc.add_model_from_file(_zip(tmp_path / "two.zip", {"a.pt": ckpt, "b.pt": ckpt}), models)
+        mc.add_model_from_file(make_zip(tmp_path / "two.zip", {"a.pt": ckpt, "b.pt": ckpt}), models)
     assert sorted(p.name for p in models.iterdir() if p.suffix == ".pt") == ["m.pt"]
 
 
@@ -184,7 +174,7 @@ def test_an_archive_member_larger_than_its_header_says_writes_nothing(tmp_path):
     """The size check trusts the header because zipfile never yields more than it states."""
     models = tmp_path / "models"
     models.mkdir()
-    archive = _zip(tmp_path / "lying.zip", {"m.pt": bytes(100_000)})
+    archive = make_zip(tmp_path / "lying.zip", {"m.pt": bytes(100_000)})
     data = bytearray(archive.read_bytes())
     struct.pack_into("<I", data, data.find(b"PK\x01\x02") + 24, 1000)  # central directory: 1000 bytes
     struct.pack_into("<I", data, data.find(b"PK\x03\x04") + 22, 1000)  # local header: 1000 bytes

@@ -148,12 +148,10 @@ def test_inference_context_sets_and_restores_threads(monkeypatch, lite_pair):
         assert torch.get_num_threads() == wanted
     assert torch.get_num_threads() == before
     monkeypatch.delenv(opt.THREADS_ENV)
-    cores = opt.usable_cpus()
     monkeypatch.setattr(opt, "usable_cpus", lambda: 2)
     assert opt.inference_threads() == min(before, 2), "a small machine uses every core"
     monkeypatch.setattr(opt, "usable_cpus", lambda: 16)
     assert opt.inference_threads() == min(before, 15), "a larger one leaves a core to the GUI"
-    monkeypatch.setattr(opt, "usable_cpus", lambda: cores)
     monkeypatch.setenv(opt.THREADS_ENV, "lots")
     with pytest.raises(ValueError, match=opt.THREADS_ENV):
         opt.inference_threads()

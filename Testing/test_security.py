@@ -18,7 +18,6 @@ import functools
 import http.server
 import json
 import re
-import stat
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from archive_support import make_zip
 
 from MMCAFNetLib import model_catalog as mc
 from MMCAFNetLib.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
@@ -110,17 +110,6 @@ def test_the_model_catalog_refuses_it_plain_and_zipped_and_keeps_nothing(evil, t
 # archives
 
 
-def _zip(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-        if symlink:
-            info = zipfile.ZipInfo(symlink)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, "/etc/passwd")
-    return path
-
-
 @pytest.mark.parametrize(
     "members, symlink",
     [
@@ -134,7 +123,7 @@ def _zip(path: Path, members: dict[str, bytes], symlink: str | None = None) -> P
 def test_archive_members_cannot_escape_or_link_out(tmp_path: Path, members, symlink) -> None:
     models = tmp_path / "sub" / "models"
     models.mkdir(parents=True)
-    archive = _zip(tmp_path / "a.zip", members, symlink)
+    archive = make_zip(tmp_path / "a.zip", members, symlink)
     with pytest.raises(mc.CatalogError, match="refused"):
         mc.extract_archive(archive, models)
     assert not list(models.rglob("*")), "a refused archive wrote into the models folder"
