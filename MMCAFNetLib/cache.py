@@ -1,7 +1,7 @@
 """The preprocessed cache: each CT series prepared once, kept as a memory-mapped array.
 
-Why: reading and resampling a DICOM series costs seconds; a training run reads every series every
-epoch. ``mmcafnet preprocess`` (or the first training run) prepares each series with the run's
+Why: reading and resampling a DICOM series costs seconds, and every training run (each fold, each
+stage of the paper recipe) and every evaluation would read every series again. ``mmcafnet preprocess`` (or the first training run) prepares each series with the run's
 preset (``windows.prepare_volume``) and stores it as ``arrays/<key>.npy`` (int16 HU by default,
 or float16) with a sidecar ``arrays/<key>.json``; ``manifest.json`` indexes every entry.
 
@@ -12,7 +12,8 @@ size its header and sidecar promise; ``verify="full"`` also checks a CRC-32 of t
 that fails is rebuilt. All files are written to a temporary name and moved into place, so an
 interrupted run leaves no half-written entry and several processes may fill one cache.
 
-``WindowDataset`` serves training and evaluation windows straight from the cache.
+Training and evaluation (``train.data.build_dataset``) take each patient's prepared CT from here
+when the run names a cache folder (``cache_dir``), and cut their lesion windows from it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from MMCAFNetLib.atomic import write_bytes_atomic
 from MMCAFNetLib.preset import Preset, get_preset
@@ -289,175 +288,3 @@ def _json_safe(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     return str(obj)
-
-
-# --------------------------------------------------------------------------------------------------
-# Dataset
-
-
-def _series_uid(row: Any) -> Optional[str]:
-    uid = row.get("series_uid") if hasattr(row, "get") else None
-    return uid if isinstance(uid, str) and uid.strip() else None
-
-
-def _box_ras(row: Any, prepared: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """The lesion box in RAS: the RAS columns, or the voxel columns through the source geometry."""
-    ras_cols = ("box_ras_min_r", "box_ras_min_a", "box_ras_min_s", "box_ras_max_r", "box_ras_max_a", "box_ras_max_s")
-    if all(c in row and row[c] == row[c] for c in ras_cols):
-        v = np.array([float(row[c]) for c in ras_cols])
-        return np.minimum(v[:3], v[3:]), np.maximum(v[:3], v[3:])
-    ijk_cols = ("box_ijk_min_i", "box_ijk_min_j", "box_ijk_min_k", "box_ijk_max_i", "box_ijk_max_j", "box_ijk_max_k")
-    source = prepared.meta.get("source_ijk_to_ras")
-    if source is None or not all(c in row for c in ijk_cols):
-        raise ValueError(
-            f"patient {row.get('patient_id')}: the cohort row has no lesion box (box_ras_* or box_ijk_* columns); "
-            "re-create the table with mmcafnet index"
-        )
-    v = np.array([float(row[c]) for c in ijk_cols])
-    corners = np.array([[a, b, c, 1.0] for a in (v[0], v[3]) for b in (v[1], v[4]) for c in (v[2], v[5])])
-    ras = (corners @ np.asarray(source).T)[:, :3]
-    return ras.min(axis=0), ras.max(axis=0)
-
-
-class WindowDataset(Dataset):
-    """Windows around each patient's lesion, served from a ``PreprocessCache``.
-
-    Items: ``{"image": float32 [1, D, H, W], "clinical": float32 [F], "label": int,
-    "patient_id": str, "window": int}``.
-
-    Training (``augment=True``, or ``train=True``): ``windows_per_patient`` items per patient, each
-    a lesion-centred window (``windows.sample_training_center``: jitter up to ``max_jitter_slices``
-    slices and ``max_jitter_mm`` in-plane) flipped and rotated by ``windows.augment``; draws depend
-    on (seed, epoch, index) only, so any worker or process draws the same. Without augmentation a
-    training item is one of the covering windows, unjittered. Evaluation (``augment=False``):
-    every window covering each lesion (``windows.window_centers_for_box``), deterministic, in
-    patient order; a patient's score is the max over its windows.
-
-    ``schema`` (``MMCAFNetLib.ehr.ClinicalSchema``, fitted on the training split) encodes the
-    clinical columns; ``class_names`` maps labels to indices (default: sorted labels, so A=0, G=1).
-    Missing cache entries are built on first use unless ``build_missing`` is False.
-    """
-
-    def __init__(
-        self,
-        cohort_df: Any,
-        cache: PreprocessCache,
-        preset: Preset | str | dict,
-        schema: Any,
-        augment: bool,
-        windows_per_patient: int = 1,
-        seed: int = 0,
-        *,
-        train: Optional[bool] = None,
-        class_names: Optional[Sequence[str]] = None,
-        build_missing: bool = True,
-        max_jitter_slices: int = 6,
-        max_jitter_mm: float = 6.0,
-        progress: Optional[Callable[[int, int], None]] = None,
-    ) -> None:
-        from MMCAFNetLib import windows as win
-
-        if len(cohort_df) == 0:
-            raise ValueError("the cohort has no patients")
-        if windows_per_patient < 1:
-            raise ValueError(f"windows_per_patient must be at least 1, got {windows_per_patient}")
-        self.preset = get_preset(preset)
-        self.cache = cache
-        self.augment = bool(augment)
-        self.train = self.augment if train is None else bool(train)
-        self.windows_per_patient = int(windows_per_patient)
-        self.seed = int(seed)
-        self.max_jitter_slices = int(max_jitter_slices)
-        self.max_jitter_mm = float(max_jitter_mm)
-        self.epoch = 0
-        rows = list(cohort_df.to_dict(orient="records")) if hasattr(cohort_df, "to_dict") else list(cohort_df)
-        labels = [str(r["label"]) for r in rows]
-        self.class_names = list(class_names) if class_names is not None else sorted(set(labels))
-        unknown = sorted(set(labels) - set(self.class_names))
-        if unknown:
-            raise ValueError(f"labels {unknown} are not among class_names {self.class_names}")
-        records = [{name: r.get(name) for name in schema.field_names} for r in rows]
-        self.clinical = np.asarray(schema.encode(records), dtype=np.float32)
-        self.labels = [self.class_names.index(lbl) for lbl in labels]
-        self.patient_ids = [str(r["patient_id"]) for r in rows]
-        self.volumes: list[Optional[Volume]] = []
-        self.keys: list[str] = []
-        self.boxes: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
-        self.centers: list[list[tuple[int, int, int]]] = []
-        for n, row in enumerate(rows):
-            source = row["series_path"]
-            uid = _series_uid(row)
-            if build_missing:
-                vol = cache.ensure(source, self.preset, uid)
-            else:
-                vol = cache.get(source, self.preset, uid)
-                if vol is None:
-                    raise FileNotFoundError(
-                        f"patient {row['patient_id']}: {source} is not in the cache {cache.root} for preset "
-                        f"{self.preset.name!r}; run mmcafnet preprocess first"
-                    )
-            lo_ras, hi_ras = _box_ras(row, vol)
-            box = win.box_ras_to_kji(vol, lo_ras, hi_ras)
-            self.volumes.append(vol)
-            self.keys.append(str(vol.meta["cache_key"]))
-            self.boxes.append(box)
-            self.centers.append(win.window_centers_for_box(vol, box[0], box[1], self.preset))
-            if progress is not None:
-                progress(n + 1, len(rows))
-        if self.train:
-            self.items = [(p, w) for p in range(len(rows)) for w in range(self.windows_per_patient)]
-        else:
-            self.items = [(p, w) for p in range(len(rows)) for w in range(len(self.centers[p]))]
-
-    def __getstate__(self) -> dict[str, Any]:
-        # worker processes reopen the memory maps instead of receiving copies of the arrays
-        state = dict(self.__dict__)
-        state["volumes"] = [None] * len(self.volumes)
-        return state
-
-    def _volume(self, p: int) -> Volume:
-        vol = self.volumes[p]
-        if vol is None:
-            vol = self.cache._open(self.keys[p], "size")
-            self.volumes[p] = vol
-        return vol
-
-    def set_epoch(self, epoch: int) -> None:
-        """Training draws change with the epoch (call before each epoch, as with DistributedSampler)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def item_patients(self) -> list[str]:
-        """Patient id of every item, in item order (for max aggregation per patient)."""
-        return [self.patient_ids[p] for p, _ in self.items]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from MMCAFNetLib import windows as win
-
-        if not 0 <= int(index) < len(self.items):
-            raise IndexError(f"index {index} out of range for {len(self.items)} items")
-        p, w = self.items[int(index)]
-        vol = self._volume(p)
-        lo, hi = self.boxes[p]
-        if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-            if self.augment:
-                center = win.sample_training_center(
-                    vol, lo, hi, self.preset, rng, self.max_jitter_slices, self.max_jitter_mm
-                )
-            else:
-                center = self.centers[p][int(rng.integers(len(self.centers[p])))]
-            array = win.cut_window(vol, center, self.preset).array
-            if self.augment:
-                array = win.augment(array, rng, self.preset)
-        else:
-            array = win.cut_window(vol, self.centers[p][w], self.preset).array
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None],
-            "clinical": torch.from_numpy(self.clinical[p].copy()),
-            "label": int(self.labels[p]),
-            "patient_id": self.patient_ids[p],
-            "window": int(w),
-        }

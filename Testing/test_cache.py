@@ -1,19 +1,17 @@
-"""The preprocessed cache and the window dataset, on a synthetic cohort of real DICOM series."""
+"""The preprocessed cache, and training windows served from it, on a synthetic cohort of real DICOM series."""
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 
 import numpy as np
 import pydicom
 import pytest
-import torch
 
 import MMCAFNetLib.volume as volume_module
-from MMCAFNetLib.cache import PreprocessCache, WindowDataset, source_fingerprint
+from MMCAFNetLib.cache import PreprocessCache, source_fingerprint
 from MMCAFNetLib.cli import main as cli_main
 from MMCAFNetLib.ehr import default_schema
 from MMCAFNetLib.preset import Preset
@@ -145,57 +143,67 @@ def test_corrupt_or_truncated_entries_are_rebuilt(cohort, tmp_path):
         cache.get(row.series_path, SMALL, row.series_uid, verify="sometimes")
 
 
-def test_window_dataset_training_and_evaluation(cohort, tmp_path):
+def _train_config(**settings):
+    from MMCAFNetLib.train.config import TrainConfig
+
+    return TrainConfig(preset=SMALL.to_dict(), progress=False, windows_per_patient=2, **settings)
+
+
+def test_training_and_evaluation_windows_come_from_the_preprocessed_cache(cohort, tmp_path, monkeypatch, capsys):
+    from MMCAFNetLib.train.data import build_dataset
+
+    table, config_file = tmp_path / "cohort.csv", tmp_path / "run.json"
+    cohort.to_csv(table, index=False)
+    config_file.write_text(json.dumps({"preset": SMALL.to_dict()}))
+    assert cli_main(["preprocess", "--cohort", str(table), "--config", str(config_file),
+                     "--cache", str(tmp_path / "c"), "--no-progress"]) == 0
+    assert "3 built" in capsys.readouterr().out
     schema = default_schema().fit(cohort)
-    cache = PreprocessCache(tmp_path / "c")
-    train = WindowDataset(cohort, cache, SMALL, schema, augment=True, windows_per_patient=2, seed=5)
-    assert len(train) == 6
-    item = train[0]
-    assert item["image"].shape == (1, *SMALL.window) and item["image"].dtype == torch.float32
-    assert item["clinical"].shape == (schema.num_features,) and item["clinical"].dtype == torch.float32
-    np.testing.assert_allclose(item["clinical"].numpy(), schema.encode(cohort.iloc[[0]][schema.field_names])[0])
-    assert train.class_names == ["A", "G"]
-    expected = [train.class_names.index(lbl) for lbl in cohort.label for _ in range(2)]
-    assert [train[i]["label"] for i in range(len(train))] == expected
-    # deterministic per (seed, epoch, index); another epoch draws other windows
-    np.testing.assert_array_equal(train[3]["image"].numpy(), train[3]["image"].numpy())
-    e0 = [train[i]["image"].numpy() for i in range(len(train))]
-    train.set_epoch(1)
-    e1 = [train[i]["image"].numpy() for i in range(len(train))]
-    assert any(not np.array_equal(a, b) for a, b in zip(e0, e1))
-    assert cache.stats["built"] == 3
 
-    evaluation = WindowDataset(cohort, cache, SMALL, schema, augment=False, build_missing=False)
-    assert cache.stats["hits"] == 3
-    assert len(evaluation) == sum(len(c) for c in evaluation.centers) >= 3
-    assert set(evaluation.item_patients()) == set(cohort.patient_id)
-    first = [evaluation[i]["image"].numpy() for i in range(len(evaluation))]
-    again = [evaluation[i]["image"].numpy() for i in range(len(evaluation))]
-    for a, b in zip(first, again):
-        np.testing.assert_array_equal(a, b)
-    # every evaluation window holds lesion tissue: denser than lung at the box centre
-    for i in range(len(evaluation)):
-        assert evaluation[i]["image"].max() > SMALL.normalise(np.float32(-500.0))
+    counter = _Counter(monkeypatch)
+    cached_config = _train_config(cache_dir=str(tmp_path / "c"))
+    train = build_dataset(cohort, cached_config, schema, SMALL, train=True)
+    evaluation = build_dataset(cohort, cached_config, schema, SMALL, train=False)
+    assert counter.dcm == 0  # no DICOM file opened: every CT came from the cache
+    assert len(train) == 6 and len(evaluation) >= 3
 
-    loader = torch.utils.data.DataLoader(evaluation, batch_size=2)
-    batch = next(iter(loader))
-    assert batch["image"].shape == (2, 1, *SMALL.window) and len(batch["patient_id"]) == 2
+    direct = build_dataset(cohort, _train_config(), schema, SMALL, train=False)
+    assert counter.dcm > 0
+    assert len(direct) == len(evaluation)
+    for i in range(len(direct)):
+        a, b = direct[i], evaluation[i]
+        assert a["patient"] == b["patient"]
+        # the cache stores whole HU (int16): windows agree to half a HU on the normalised scale
+        np.testing.assert_allclose(a["image"].numpy(), b["image"].numpy(), atol=0.51 / 1400)
+        assert b["image"].max() > SMALL.normalise(np.float32(-500.0))  # lesion tissue in every window
 
-    # pickled for worker processes without the arrays; the copy serves the same windows
-    blob = pickle.dumps(evaluation)
-    assert len(blob) < 50_000
-    clone = pickle.loads(blob)
-    np.testing.assert_array_equal(clone[0]["image"].numpy(), first[0])
+    # a CT missing from the cache is prepared and added on first use
+    shutil.rmtree(tmp_path / "c" / "arrays")
+    build_dataset(cohort.iloc[:1], cached_config, schema, SMALL, train=False)
+    assert len(list((tmp_path / "c" / "arrays").glob("*.npy"))) == 1
 
 
-def test_window_dataset_refuses_missing_entries_and_bad_input(cohort, tmp_path):
-    schema = default_schema().fit(cohort)
-    with pytest.raises(FileNotFoundError, match="mmcafnet preprocess"):
-        WindowDataset(cohort, PreprocessCache(tmp_path / "empty"), SMALL, schema, augment=False, build_missing=False)
-    with pytest.raises(ValueError, match="no patients"):
-        WindowDataset(cohort.iloc[:0], PreprocessCache(tmp_path / "c"), SMALL, schema, augment=False)
-    with pytest.raises(ValueError, match="class_names"):
-        WindowDataset(cohort, PreprocessCache(tmp_path / "c"), SMALL, schema, augment=False, class_names=["A"])
+def test_preprocess_takes_the_preset_of_a_training_config(cohort, tmp_path, capsys):
+    table = tmp_path / "cohort.csv"
+    cohort.to_csv(table, index=False)
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"preset": COARSE.to_dict()}))
+    cache = tmp_path / "c"
+    assert cli_main(["preprocess", "--cohort", str(table), "--config", str(config_file), "--cache", str(cache),
+                     "--no-progress"]) == 0
+    assert "preset coarse" in capsys.readouterr().out
+    row = cohort.iloc[0]
+    assert PreprocessCache(cache).get(row.series_path, COARSE, row.series_uid) is not None
+    assert PreprocessCache(cache).get(row.series_path, SMALL, row.series_uid) is None
+    assert cli_main(["preprocess", "--cohort", str(table), "--config", str(config_file), "--preset", "paper",
+                     "--cache", str(cache)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli_main(["preprocess", "--cohort", str(table), "--config", str(tmp_path / "none.json"),
+                     "--cache", str(cache)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cache_refuses_an_unknown_storage_type(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         PreprocessCache(tmp_path / "c", dtype="int8")
 

@@ -125,6 +125,16 @@ def test_checkpoint_contents_and_validation_threshold(cohort, tmp_path):
     ps = np.array([r["probability"] for r in metrics["patients"]])
     expected = binary_metrics(ys, ps, best["threshold"])
     assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    # the same evaluation from a preprocessed cache (filled on first use): same patients, same scores
+    # up to the cache's whole-HU storage
+    code = cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cohort", str(cohort),
+                     "--split", "train", "--out", str(tmp_path / "report-cached"), "--bootstrap", "50",
+                     "--no-progress", "--cache", str(tmp_path / "cache")])
+    assert code == 0
+    cached = json.loads((tmp_path / "report-cached" / "metrics.json").read_text())
+    assert [r["patient_id"] for r in cached["patients"]] == [r["patient_id"] for r in metrics["patients"]]
+    np.testing.assert_allclose([r["probability"] for r in cached["patients"]], ps, atol=2e-3)
+    assert len(list((tmp_path / "cache" / "arrays").glob("*.npy"))) == len(ps)
     report = (out / "report.md").read_text()
     assert "| Method | AUROC | ACC | F1 | Spec | Sens | PPV | NPV |" in report and "synthetic" in report
     assert (out / "roc.png").stat().st_size > 1000 and (out / "calibration.png").stat().st_size > 1000
@@ -157,6 +167,12 @@ def test_resume_after_stop_equals_uninterrupted_run(cohort, tmp_path):
     assert a["training_state"]["scheduler"]["last_epoch"] == b["training_state"]["scheduler"]["last_epoch"]
     assert torch.equal(a["training_state"]["rng"][0]["torch"], b["training_state"]["rng"][0]["torch"])
     assert len(json.loads((tmp_path / "resumed" / "log.json").read_text())) == 2
+
+
+def test_cache_option_reaches_the_run_settings(cohort, tmp_path, capsys):
+    assert cli_main(["train", "--cohort", str(cohort), "--out", str(tmp_path / "x"), "--cache", str(tmp_path / "c"),
+                     "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache_dir"] == str(tmp_path / "c")
 
 
 def test_bad_settings_are_refused_clearly(cohort, tmp_path):

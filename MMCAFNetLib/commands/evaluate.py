@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--small-lesion-mm", type=float, default=10.0,
                         help="lesions up to this size (largest box side) are reported apart")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="preprocessed cache folder (mmcafnet preprocess with the checkpoint's preset)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(
         args.checkpoint, args.cohort, args.split, args.out, aggregate=args.aggregate, device=args.device,
         num_resamples=args.bootstrap, seed=args.seed, small_lesion_mm=args.small_lesion_mm,
-        batch_size=args.batch_size, progress=not args.no_progress,
+        batch_size=args.batch_size, progress=not args.no_progress, cache_dir=args.cache,
     )
     keys = ("auroc", "accuracy", "f1", "specificity", "sensitivity", "ppv", "npv", "macro_f1", "ece", "threshold")
     print(json.dumps({"report": f"{args.out}/report.md", **{k: metrics[k] for k in keys if k in metrics}}, indent=2))

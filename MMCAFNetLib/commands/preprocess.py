@@ -1,4 +1,9 @@
-"""``mmcafnet preprocess --cohort COHORT.csv --preset default|paper --cache DIR``: fill the cache."""
+"""``mmcafnet preprocess --cohort COHORT.csv --preset default|paper --cache DIR``: fill the cache.
+
+``mmcafnet train --cache DIR`` (or ``cache_dir`` in its config) then takes every prepared CT from
+there; ``--config`` takes the preset from a training config so that the keys are the ones the run
+looks up.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", required=True, metavar="COHORT.csv", help="cohort table written by mmcafnet index")
-    parser.add_argument("--preset", default="default", help="preprocessing preset: default or paper (default: default)")
+    parser.add_argument("--preset", help="preprocessing preset: default or paper (default: default)")
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="training config whose preprocessing preset to use (as mmcafnet train --config)")
     parser.add_argument("--cache", required=True, metavar="DIR", help="cache folder (created if absent)")
     parser.add_argument("--dtype", default="int16", choices=("int16", "float16"),
                         help="storage type of the prepared arrays (default int16 HU)")
@@ -28,7 +35,14 @@ def run(args: argparse.Namespace) -> int:
     from MMCAFNetLib.cli import UsageError
     from MMCAFNetLib.preset import get_preset
 
-    preset = get_preset(args.preset)  # ValueError names the choices
+    if args.config and args.preset:
+        raise UsageError("give --preset or --config, not both (the config names its preset)")
+    if args.config:
+        from MMCAFNetLib.train.config import resolve_config
+
+        preset = get_preset(resolve_config(config_file=args.config).preset)
+    else:
+        preset = get_preset(args.preset or "default")  # ValueError names the choices
     cohort_path = Path(args.cohort)
     if not cohort_path.is_file():
         raise FileNotFoundError(f"cohort table not found: {cohort_path} (create it with: mmcafnet index ROOT --out {cohort_path.name})")

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--num-workers", type=int, help="data loader worker processes")
     parser.add_argument("--preset", help="preprocessing preset name (paper, default)")
+    parser.add_argument("--cache", metavar="DIR", help="preprocessed cache folder (mmcafnet preprocess); "
+                        "CTs missing from it are prepared and added on first use")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--demo", action="store_true", help="flag the checkpoint as a demo (synthetic data)")
@@ -58,7 +60,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "model": args.model, "task": args.task, "recipe": args.recipe, "stage": args.stage, "init": args.init,
         "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr,
         "seed": args.seed, "device": args.device, "num_workers": args.num_workers, "preset": args.preset,
-        "stop_after_epochs": args.stop_after_epochs,
+        "stop_after_epochs": args.stop_after_epochs, "cache_dir": args.cache,
     }
     if isinstance(args.fold, int):
         out["fold"] = args.fold
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: {out_dir} holds no run (no config.json); start it without --resume")
         stored = json.loads(config_path.read_text(encoding="utf-8"))
         runtime = {k: v for k, v in _overrides(args).items()
-                   if k in ("device", "num_workers", "stop_after_epochs") and v is not None}
+                   if k in ("device", "num_workers", "stop_after_epochs", "cache_dir") and v is not None}
         if args.no_progress:
             runtime["progress"] = False
         runtime["stop_after_epochs"] = args.stop_after_epochs

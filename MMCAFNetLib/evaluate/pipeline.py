@@ -15,8 +15,9 @@ import torch
 
 
 def predict_cohort(payload: dict[str, Any], df, device: torch.device, batch_size: int = 4,
-                   progress: bool = True) -> dict[int, tuple[str, int, list[float]]]:
-    """Window probabilities of every lesion window of the rows ``df`` (labels in the checkpoint's classes)."""
+                   progress: bool = True, cache_dir: Optional[str] = None) -> dict[int, tuple[str, int, list[float]]]:
+    """Window probabilities of every lesion window of the rows ``df`` (labels in the checkpoint's
+    classes); prepared CTs come from the preprocessed cache ``cache_dir`` when given."""
     from MMCAFNetLib.ehr import ClinicalSchema
     from MMCAFNetLib.preset import get_preset
     from MMCAFNetLib.train import data as data_module
@@ -27,7 +28,7 @@ def predict_cohort(payload: dict[str, Any], df, device: torch.device, batch_size
     schema = ClinicalSchema.from_dict(payload["schema"])
     preset = get_preset(payload["preset"])
     class_names = list(payload["class_names"])
-    config = TrainConfig(progress=progress, amp=True, channels_last=True)
+    config = TrainConfig(progress=progress, amp=True, channels_last=True, cache_dir=cache_dir)
     dataset = data_module.build_dataset(df, config, schema, preset, train=False, progress=progress,
                                         class_names=class_names)
     model = data_module.build_model(payload["model_name"], dict(payload["model_config"]))
@@ -40,7 +41,8 @@ def predict_cohort(payload: dict[str, Any], df, device: torch.device, batch_size
 def evaluate_checkpoint(checkpoint: str | Path, cohort, split: str, out_dir: str | Path,
                         aggregate: Optional[str] = None, device: str = "auto", num_resamples: int = 2000,
                         seed: int = 0, small_lesion_mm: float = 10.0, batch_size: int = 4,
-                        progress: bool = True, title: Optional[str] = None) -> dict[str, Any]:
+                        progress: bool = True, title: Optional[str] = None,
+                        cache_dir: Optional[str] = None) -> dict[str, Any]:
     """Evaluate and write the report (report.md, metrics.json, predictions.csv, roc.png, calibration.png)."""
     from MMCAFNetLib.checkpoint import load_checkpoint
     from MMCAFNetLib.evaluate.aggregation import aggregate_by_patient
@@ -60,7 +62,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cohort, split: str, out_dir: str
         raise ValueError(f"the cohort has no {split!r} patients of the classes {class_names}")
     aggregate = aggregate or (payload.get("train_config") or {}).get("aggregate", "max")
     dev = device_for(device, DistributedContext())
-    windows = predict_cohort(payload, rows, dev, batch_size=batch_size, progress=progress)
+    windows = predict_cohort(payload, rows, dev, batch_size=batch_size, progress=progress, cache_dir=cache_dir)
     order = sorted(windows)
     ids = [windows[i][0] for i in order]
     labels = [windows[i][1] for i in order]

@@ -1,8 +1,9 @@
 """From a cohort table to training and evaluation windows, and from a config to a model.
 
-Each patient's CT is read once, prepared with the run's preset (``windows.prepare_volume``) and
-cropped to the region its lesion windows can reach (plus the jitter margin); only that crop is
-kept in memory. Training items draw one lesion window per patient (``windows_per_patient``
+Each patient's CT is prepared once with the run's preset (``windows.prepare_volume``), through the
+preprocessed cache when the run has one (``cache_dir``: the folder ``mmcafnet preprocess`` fills,
+or that the first run fills), and cropped to the region its lesion windows can reach (plus the
+jitter margin); only that crop is kept in memory. Training items draw one lesion window per patient (``windows_per_patient``
 times per epoch) with slice jitter, in-plane shift, left-right flip and in-plane rotation;
 evaluation items are every window covering the lesion (``windows.window_centers_for_box``), with
 no augmentation, so a patient's score can be aggregated over them.
@@ -22,9 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from MMCAFNetLib import windows as win
+from MMCAFNetLib.cache import PreprocessCache
 from MMCAFNetLib.preset import Preset
 from MMCAFNetLib.train.config import TrainConfig
-from MMCAFNetLib.volume import Volume
+from MMCAFNetLib.volume import Volume, read_volume
 
 BOX_RAS = ("box_ras_min_r", "box_ras_min_a", "box_ras_min_s", "box_ras_max_r", "box_ras_max_a", "box_ras_max_s")
 
@@ -79,19 +82,6 @@ def lesion_size_mm(row) -> float:
 
 
 # ----------------------------------------------------------------------------- windows
-def windows_module():
-    """``MMCAFNetLib.windows``; while it is absent, the Predictor's stand-in with the same four
-    functions, so training and inference always cut windows the same way."""
-    import importlib
-
-    try:
-        return importlib.import_module("MMCAFNetLib.windows")
-    except ModuleNotFoundError as exc:
-        if exc.name != "MMCAFNetLib.windows":
-            raise
-        return importlib.import_module("MMCAFNetLib.inference.windows_fallback")
-
-
 def _box_in_grid(volume: Volume, row) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """The row's RAS box as inclusive (k, j, i) index ranges of ``volume``'s grid (clipped)."""
     lo = np.array([float(row[c]) for c in BOX_RAS[:3]])
@@ -135,14 +125,16 @@ class PatientWindows:
     lesion_size_mm: float
 
 
-def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical: np.ndarray, label: int) -> PatientWindows:
-    from MMCAFNetLib.volume import read_volume
-
-    win = windows_module()
-
+def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical: np.ndarray, label: int,
+                    cache: Optional[PreprocessCache] = None) -> PatientWindows:
+    """The patient's lesion crop; the prepared CT comes from ``cache`` (built there on first use)
+    or, without a cache, is read and prepared here."""
     uid = row.get("series_uid") if hasattr(row, "get") else None
-    volume = read_volume(row["series_path"], series_uid=uid if isinstance(uid, str) and uid else None)
-    prepared = win.prepare_volume(volume, preset)
+    uid = uid if isinstance(uid, str) and uid else None
+    if cache is not None:
+        prepared = cache.ensure(row["series_path"], preset, uid)
+    else:
+        prepared = win.prepare_volume(read_volume(row["series_path"], series_uid=uid), preset)
     kmin, kmax = _box_in_grid(prepared, row)
     centers = [tuple(int(v) for v in c) for c in win.window_centers_for_box(prepared, kmin, kmax, preset)]
     if not centers:
@@ -155,46 +147,6 @@ def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical:
     crop = _crop(prepared, start, stop, fill=-1000.0)
     local = [tuple(int(v) for v in (np.array(c) - start)) for c in centers]
     return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row))
-
-
-def cached_patient(row, preset: Preset, jitter, clinical: np.ndarray, label: int,
-                   cache_dir: Optional[str]) -> PatientWindows:
-    """``prepare_patient`` through an on-disk cache of crops (``cache_dir``; None = no cache).
-
-    The key hashes everything the crop depends on (series, lesion box, preset, jitter margin), so a
-    stale entry is never reused; entries are written atomically.
-    """
-    if not cache_dir:
-        return prepare_patient(row, preset, jitter, clinical, label)
-    import hashlib
-    import json
-    import os
-    import tempfile
-
-    key_data = {
-        "series_path": str(row["series_path"]), "series_uid": str(row.get("series_uid", "")),
-        "box": [float(row[c]) for c in BOX_RAS], "preset": preset.to_dict(), "jitter": [int(v) for v in jitter],
-        "windows": windows_module().__name__, "version": 1,
-    }
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
-    folder = Path(cache_dir)
-    path = folder / f"{key}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            crop = Volume(z["array"], z["ijk_to_ras"], {})
-            centers = [tuple(int(v) for v in c) for c in z["centers"]]
-        return PatientWindows(crop, centers, clinical, label, str(row["patient_id"]), lesion_size_mm(row))
-    pw = prepare_patient(row, preset, jitter, clinical, label)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, array=pw.crop.array, ijk_to_ras=pw.crop.ijk_to_ras, centers=np.asarray(pw.centers))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return pw
 
 
 def rotate_inplane(window: np.ndarray, degrees: float, fill: float) -> np.ndarray:
@@ -243,7 +195,6 @@ class LesionWindowDataset(Dataset):
         return len(self.items)
 
     def _window(self, pw: PatientWindows, center, rng: Optional[np.random.Generator]) -> np.ndarray:
-        win = windows_module()
         center = np.array(center)
         if rng is not None:
             shift_inplane = np.array(self.preset.window[1:]) // 8
@@ -308,8 +259,9 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
         from tqdm import tqdm
 
         iterator = tqdm(rows, desc=f"prepare {'train' if train else 'eval'} CTs", leave=False, dynamic_ncols=True)
+    cache = PreprocessCache(config.cache_dir) if config.cache_dir else None
     patients = [
-        cached_patient(row, preset, jitter, clinical[i], classes.index(row["label"]), config.cache_dir)
+        prepare_patient(row, preset, jitter, clinical[i], classes.index(row["label"]), cache)
         for i, row in enumerate(iterator)
     ]
     return LesionWindowDataset(patients, preset, train, config.seed, config.windows_per_patient,

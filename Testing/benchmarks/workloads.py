@@ -620,9 +620,12 @@ def _w5_model(name: str, cfg: Dict[str, Any], device: str) -> List[Row]:
 
 
 def w5_loader(cfg: Dict[str, Any]) -> List[Row]:
-    """The cached data loader: ``cache.WindowDataset`` over a ``PreprocessCache`` (memory-mapped prepared
-    CTs), augmenting, batched by torch's DataLoader in the main process."""
-    from MMCAFNetLib.cache import PreprocessCache, WindowDataset
+    """The training data loader as ``mmcafnet train`` builds it (``train.data.build_dataset``, CTs from a
+    ``PreprocessCache``), augmenting, batched by torch's DataLoader in the main process."""
+    import pandas as pd
+
+    from MMCAFNetLib.train.config import TrainConfig
+    from MMCAFNetLib.train.data import build_dataset, collate
     from MMCAFNetLib.volume import write_volume
 
     preset = bench_preset(cfg)
@@ -638,15 +641,17 @@ def w5_loader(cfg: Dict[str, Any]) -> List[Row]:
             rows.append({"patient_id": f"P{p}", "label": "AG"[p % 2], "series_path": path, **record,
                          **dict(zip(("box_ras_min_r", "box_ras_min_a", "box_ras_min_s"), box[0])),
                          **dict(zip(("box_ras_max_r", "box_ras_max_a", "box_ras_max_s"), box[1]))})
-        cache = PreprocessCache(os.path.join(folder, "cache"))
-        dataset = WindowDataset(rows, cache, preset, schema, augment=True, windows_per_patient=16, seed=0)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
+        config = TrainConfig(preset=preset.to_dict(), windows_per_patient=16, progress=False,
+                             cache_dir=os.path.join(folder, "cache"))
+        dataset = build_dataset(pd.DataFrame(rows), config, schema, preset, train=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0,
+                                             collate_fn=collate)
 
         def epoch() -> None:
             for _ in loader:
                 pass
 
-        variant = "WindowDataset + DataLoader, augmenting, 0 workers"
+        variant = "training dataset over the cache + DataLoader, augmenting, 0 workers"
         s = measure_interleaved({variant: epoch}, repeats=3, warmup=1)[variant]
     return [_row("W5", f"cached data loader, {16 * len(rows)} windows {list(preset.window)}, batch {batch}",
                  variant, s, windows_per_s=16 * len(rows) / s["median_s"])]
