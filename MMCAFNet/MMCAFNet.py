@@ -229,7 +229,7 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadModelButton.enabled = entry.downloadable
         self.ui.modelInfoLabel.text = f"{entry.description} Licence: {entry.licence}.".strip()
         self.ui.demoWarningLabel.setVisible(entry.demo)
-        self.buildClinicalForm(entry.schema)
+        self.buildClinicalForm(entry)
 
     def onAddModelFromFile(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
@@ -277,8 +277,8 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._selectModel(DEMO_MODEL_ID)
 
     # -- clinical form ----------------------------------------------------------------------------
-    def buildClinicalForm(self, fieldNames) -> None:
-        """One row per schema field; every field can stay 'unknown' (imputed by the model)."""
+    def buildClinicalForm(self, entry) -> None:
+        """One row per field of the model's own schema; every field can stay 'unknown' (imputed)."""
         layout = self.ui.clinicalFormWidget.layout()
         while layout.count():
             item = layout.takeAt(0)
@@ -287,13 +287,14 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._formWidgets = {}
         try:
             from MMCAFNetLib import ehr, slicer_logic
-
-            schema = ehr.default_schema()
-            if fieldNames:
-                schema = schema.select([n for n in fieldNames if n in schema.field_names])
         except ImportError:
             layout.addRow(qt.QLabel("The clinical form appears once the dependencies are installed (press Apply)."))
             return
+        try:
+            schema = slicer_logic.form_schema(entry)
+        except (OSError, ValueError) as exc:  # an unreadable model file: Apply will report it too
+            logging.warning(f"MMCAFNet: the model's clinical schema could not be read ({exc}); showing the default form")
+            schema = ehr.default_schema()
         saved = self._savedRecord()
         for spec in slicer_logic.form_fields(schema):
             if spec.kind == "continuous":
@@ -361,7 +362,7 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureDependencies():
             return
         if not self._formWidgets:
-            self.buildClinicalForm(self.currentModel().schema if self.currentModel() else [])
+            self.buildClinicalForm(self.currentModel())
         with slicer.util.tryWithErrorDisplay("Classification could not start.", waitCursor=True):
             from MMCAFNetLib import model_catalog, slicer_logic
 

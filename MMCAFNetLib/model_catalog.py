@@ -49,13 +49,15 @@ class ModelEntry:
     description: str = ""
     source: str = "catalog"  # "catalog" | "user"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the checkpoint's whole clinical schema (user models: read when the model was added)
+    schema_spec: Optional[dict[str, Any]] = None
 
     @property
     def downloadable(self) -> bool:
         return self.url is not None and self.file is None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if v is not None and k not in ("source", "extra")}
+        data = {k: v for k, v in asdict(self).items() if v is not None and k not in ("source", "extra", "schema_spec")}
         data.update(self.extra)
         return data
 
@@ -171,6 +173,7 @@ def user_models(models_dir: str | os.PathLike | None = None) -> list[ModelEntry]
                 file=str(path),
                 description=str(meta.get("description", "")),
                 source="user",
+                schema_spec=meta["schema_spec"] if isinstance(meta.get("schema_spec"), dict) else None,
             )
         )
     return entries
@@ -230,6 +233,7 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
     return {
         "classes": list(payload.get("class_names", [])),
         "schema": [f.get("name", "") if isinstance(f, dict) else str(f) for f in fields],
+        "schema_spec": schema if isinstance(schema, dict) and fields else None,
         "demo": bool(payload.get("demo", False)),
         "version": str((payload.get("provenance") or {}).get("library_version", "")),
         "title": str(payload.get("model_name", path.stem)),
@@ -286,6 +290,7 @@ def _register(path: Path, title: Optional[str], facts: Optional[dict[str, Any]] 
         "sha256": sha256_file(path),
         "classes": facts["classes"],
         "schema": facts["schema"],
+        "schema_spec": facts.get("schema_spec"),
         "licence": "unknown",
         "demo": facts["demo"],
     }

@@ -341,6 +341,48 @@ class FormField:
     tooltip: str = ""
 
 
+def form_schema(entry: Any, models_dir: Any = None) -> Any:
+    """The clinical schema the form asks for: the model's own, as it was trained.
+
+    A checkpoint may carry other fields (or other values) than the default schema, and the
+    Predictor encodes the record with the checkpoint's schema; a form built from anything else
+    would silently leave its fields unknown. Read from the user model's sidecar, else from the
+    local checkpoint file (``weights_only``); for a catalog model not downloaded yet, the default
+    schema's fields the catalog names. ``entry`` None: the default schema.
+    """
+    from MMCAFNetLib import ehr, model_catalog
+
+    if entry is None:
+        return ehr.default_schema()
+    if entry.schema_spec:
+        return ehr.ClinicalSchema.from_dict(entry.schema_spec)
+    try:
+        path = model_catalog.model_path(entry, models_dir)
+    except (FileNotFoundError, model_catalog.CatalogError):
+        path = None
+    if path is not None:
+        spec = _checkpoint_schema(path)
+        if spec:
+            return ehr.ClinicalSchema.from_dict(spec)
+    default = ehr.default_schema()
+    return default.select([n for n in entry.schema if n in default.field_names]) if entry.schema else default
+
+
+_SCHEMA_BY_FILE: dict[tuple[str, int, int], Optional[dict]] = {}
+
+
+def _checkpoint_schema(path: Path) -> Optional[dict]:
+    """The schema dict stored in a checkpoint, remembered per (file, size, mtime)."""
+    from MMCAFNetLib.checkpoint import load_checkpoint
+
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SCHEMA_BY_FILE:
+        spec = load_checkpoint(path).get("schema")
+        _SCHEMA_BY_FILE[key] = spec if isinstance(spec, dict) and spec.get("fields") else None
+    return _SCHEMA_BY_FILE[key]
+
+
 def form_fields(schema: Any) -> list[FormField]:
     """The form for a model's clinical schema: every field can be left "unknown"."""
     fields = []

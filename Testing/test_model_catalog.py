@@ -232,3 +232,45 @@ def test_refresh_bundled_checksums_writes_the_real_digest(tmp_path, monkeypatch)
     assert mc.refresh_bundled_checksums(catalog) == ["x"]
     entry = mc.load_catalog(catalog)[0]
     mc.verify_file(entry, ckpt)
+
+
+def test_the_clinical_form_asks_for_the_models_own_schema(tmp_path):
+    """A checkpoint trained with other clinical fields gets a form for exactly those fields."""
+    import dataclasses
+
+    from MMCAFNetLib import ehr
+    from MMCAFNetLib import slicer_logic as sl
+
+    default = ehr.default_schema()
+    age = default.select(["age"]).fields[0]
+    pack_years = dataclasses.replace(age, name="pack_years", label="Pack-years", aliases=(), plausible_range=(0.0, 150.0))
+    schema = ehr.ClinicalSchema([*default.select(["sex", "smoking"]).fields, pack_years])
+    path = write_checkpoint(tmp_path / "custom.pt")
+    payload = ck.load_checkpoint(path)
+    payload["schema"] = schema.to_dict()
+    ck.save_checkpoint(payload, path)
+
+    models = tmp_path / "models"
+    entry = mc.add_model_from_file(path, models)
+    assert entry.schema == ["sex", "smoking", "pack_years"] and entry.schema_spec is not None
+    form = sl.form_schema(entry, models)
+    assert form.field_names == ["sex", "smoking", "pack_years"]  # pack_years is not a default field
+    assert [f.name for f in sl.form_fields(form)] == form.field_names
+
+    # a sidecar written before the schema was stored: the checkpoint itself is read
+    sidecar = models / "custom.pt.json"
+    meta = json.loads(sidecar.read_text())
+    del meta["schema_spec"]
+    sidecar.write_text(json.dumps(meta))
+    (old,) = mc.user_models(models)
+    assert old.schema_spec is None and sl.form_schema(old, models).field_names == form.field_names
+
+    # the bundled demo model: its checkpoint's schema
+    demo = next(e for e in mc.load_catalog() if e.demo)
+    demo_schema = ck.load_checkpoint(mc.model_path(demo))["schema"]
+    assert sl.form_schema(demo).to_dict() == ehr.ClinicalSchema.from_dict(demo_schema).to_dict()
+
+    # a catalog model not downloaded yet: the default fields the catalog names; no model: all of them
+    remote = entry_for(path, "https://example.org/model.pt")
+    assert sl.form_schema(remote, tmp_path / "empty").field_names == ["sex", "age"]
+    assert sl.form_schema(None).field_names == default.field_names
