@@ -3,8 +3,9 @@
 Each patient's CT is prepared once with the run's preset (``windows.prepare_volume``), through the
 preprocessed cache when the run has one (``cache_dir``: the folder ``mmcafnet preprocess`` fills,
 or that the first run fills), and cropped to the region its lesion windows can reach (plus the
-jitter margin); only that crop is kept in memory. Training items draw one lesion window per patient (``windows_per_patient``
-times per epoch) with slice jitter, in-plane shift, left-right flip and in-plane rotation;
+jitter margin); only that crop is kept in memory. Training items draw one lesion window per
+patient (``windows_per_patient`` times per epoch) with slice jitter, in-plane shift, left-right
+flip and in-plane rotation;
 evaluation items are every window covering the lesion (``windows.window_centers_for_box``), with
 no augmentation, so a patient's score can be aggregated over them.
 
