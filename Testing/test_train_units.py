@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,45 @@ def test_fold_split_and_summary_across_folds():
     assert summary["validation"]["auroc"]["mean"] == pytest.approx(0.7)
     assert summary["validation"]["auroc"]["std"] == pytest.approx(0.1)  # sample standard deviation
     assert summary["validation"]["accuracy"]["std"] == 0.0
+
+
+def test_record_dropout_presents_the_unknown_record_to_a_share_of_training_items():
+    from MMCAFNetLib.preset import Preset
+    from MMCAFNetLib.train.data import LesionWindowDataset, PatientWindows
+    from MMCAFNetLib.volume import Volume
+
+    preset = Preset(name="t", spacing=(1.0, 1.0, 1.0), window=(4, 8, 8), hu_range=(-1000.0, 400.0), mean=0.3)
+    rng = np.random.default_rng(0)
+    patients = [PatientWindows(Volume(rng.normal(-500, 200, (8, 16, 16)).astype(np.float32), np.eye(4), {}),
+                               [(4, 8, 8)], np.full(3, float(p + 1), np.float32), p % 2, f"P{p}", 10.0)
+                for p in range(20)]
+    unknown = np.array([0.5, -0.5, 0.0], np.float32)
+
+    def dataset(train, share):
+        return LesionWindowDataset(patients, preset, train, seed=3, windows_per_patient=5, record_dropout=share,
+                                   unknown_clinical=unknown)
+
+    def dropped(ds, epoch=0):
+        ds.set_epoch(epoch)
+        return [bool(np.array_equal(ds[i]["clinical"].numpy(), unknown)) for i in range(len(ds))]
+
+    half = dataset(True, 0.5)
+    first = dropped(half)
+    assert 30 < sum(first) < 70  # 100 items, each dropped with probability 0.5
+    assert dropped(half) == first  # a pure function of (seed, epoch, draw, index)
+    assert dropped(half, epoch=1) != first
+    half.set_epoch(0)
+    for i in range(len(half)):  # an item not dropped keeps its own record
+        assert first[i] or half[i]["clinical"][0] == patients[half.items[i][0]].clinical[0]
+    assert all(dropped(dataset(True, 1.0))) and not any(dropped(dataset(True, 0.0)))
+    assert not any(dropped(dataset(False, 1.0)))  # evaluation items are never dropped
+    # switched off, the augmentation draws are those of a run that never had the setting
+    plain = LesionWindowDataset(patients, preset, True, seed=3, windows_per_patient=5)
+    off = dataset(True, 0.0)
+    for i in (0, 7, 42):
+        np.testing.assert_array_equal(plain[i]["image"].numpy(), off[i]["image"].numpy())
+    with pytest.raises(ValueError, match="unknown_clinical"):
+        LesionWindowDataset(patients, preset, True, record_dropout=0.2)
+
+    with pytest.raises(ValueError, match="record_dropout"):
+        TrainConfig(record_dropout=1.5).validate()

@@ -52,6 +52,10 @@ class TrainConfig:
     jitter_slices: int = 2
     rotate_degrees: float = 15.0
     flip: bool = True
+    # share of training items whose clinical record is presented as all "unknown" (the schema's
+    # imputed values): the model learns to classify from the image when the form is left empty,
+    # and its image branch cannot lean on the record alone
+    record_dropout: float = 0.0
     num_workers: int = 0
     cache_dir: Optional[str] = None
     # validation and stopping
@@ -103,6 +107,7 @@ class TrainConfig:
             (self.aggregate in ("max", "mean"), "aggregate must be 'max' or 'mean'"),
             (self.batchnorm in ("auto", "train", "sync", "frozen"), "batchnorm must be auto, train, sync or frozen"),
             (self.windows_per_patient >= 1, "windows_per_patient must be at least 1"),
+            (0.0 <= self.record_dropout <= 1.0, "record_dropout must lie in [0, 1]"),
             (self.selection_metric in ("auroc", "loss"), "selection_metric must be 'auroc' or 'loss'"),
         ]
         if self.recipe == "paper" and self.stage in (2, 3) and not self.init:

@@ -172,7 +172,8 @@ class LesionWindowDataset(Dataset):
 
     def __init__(self, patients: list[PatientWindows], preset: Preset, train: bool, seed: int = 0,
                  windows_per_patient: int = 1, jitter_slices: int = 2, rotate_degrees: float = 15.0,
-                 flip: bool = True, augment: bool = True):
+                 flip: bool = True, augment: bool = True, record_dropout: float = 0.0,
+                 unknown_clinical: Optional[np.ndarray] = None):
         self.patients = patients
         self.preset = preset
         self.train = train
@@ -182,6 +183,10 @@ class LesionWindowDataset(Dataset):
         self.rotate_degrees = float(rotate_degrees)
         self.flip = flip
         self.augment = augment and train
+        self.record_dropout = float(record_dropout) if train else 0.0
+        if self.record_dropout and unknown_clinical is None:
+            raise ValueError("record_dropout needs unknown_clinical (the encoding of an all-unknown record)")
+        self.unknown_clinical = unknown_clinical
         self.epoch = 0
         if train:
             self.items = [(p, None) for p in range(len(patients)) for _ in range(self.windows_per_patient)]
@@ -219,15 +224,19 @@ class LesionWindowDataset(Dataset):
             index, draw, epoch = int(key), int(key), self.epoch
         p, c = self.items[index]
         pw = self.patients[p]
+        clinical = pw.clinical
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, draw, index])
             center = pw.centers[int(rng.integers(len(pw.centers)))]
             array = self._window(pw, center, rng if self.augment else None)
+            # drawn last, and only when on, so runs without it keep their augmentation draws
+            if self.record_dropout and rng.random() < self.record_dropout:
+                clinical = self.unknown_clinical
         else:
             array = self._window(pw, pw.centers[c], None)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(array))[None],
-            "clinical": torch.from_numpy(pw.clinical),
+            "clinical": torch.from_numpy(clinical),
             "label": pw.label,
             "patient": pw.patient_id,
             "index": index,
@@ -265,8 +274,10 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
         prepare_patient(row, preset, jitter, clinical[i], classes.index(row["label"]), cache)
         for i, row in enumerate(iterator)
     ]
+    unknown = schema.encode([{}])[0].astype(np.float32)  # every field "unknown": the fitted imputations
     return LesionWindowDataset(patients, preset, train, config.seed, config.windows_per_patient,
-                               config.jitter_slices, config.rotate_degrees, config.flip, config.augment)
+                               config.jitter_slices, config.rotate_degrees, config.flip, config.augment,
+                               config.record_dropout, unknown)
 
 
 # ----------------------------------------------------------------------------- models
