@@ -3,7 +3,8 @@
 Why: reading and resampling a DICOM series costs seconds, and every training run (each fold, each
 stage of the paper recipe) and every evaluation would read every series again. ``mmcafnet preprocess`` (or the first training run) prepares each series with the run's
 preset (``windows.prepare_volume``) and stores it as ``arrays/<key>.npy`` (int16 HU by default,
-or float16) with a sidecar ``arrays/<key>.json``; ``manifest.json`` indexes every entry.
+or float16) with a sidecar ``arrays/<key>.json``; ``manifest.json`` indexes every entry and
+records the storage type, which a cache opened without naming one (a training run) keeps using.
 
 The key is a fingerprint of the source files (relative names, sizes, modification times), the
 series UID, the preset and the storage format: touching a source file or changing the preset
@@ -88,10 +89,12 @@ class PreprocessCache:
     """A folder of prepared series. ``ensure(source, preset)`` returns the prepared Volume (array
     memory-mapped, read-only), building it on first use. ``stats`` counts hits, builds, rebuilds."""
 
-    def __init__(self, root: str | os.PathLike, dtype: str = "int16") -> None:
+    def __init__(self, root: str | os.PathLike, dtype: Optional[str] = None) -> None:
+        self.root = Path(root)
+        if dtype is None:  # what the cache was filled with (a training run opens it without saying)
+            dtype = self._stored_dtype() or "int16"
         if dtype not in _DTYPES:
             raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.root = Path(root)
         self.dtype = dtype
         self.arrays = self.root / "arrays"
         self.stats = {"hits": 0, "built": 0, "rebuilt": 0}
@@ -244,8 +247,18 @@ class PreprocessCache:
         return self.build(source, preset, series_uid)
 
     # ---------------------------------------------------------------------------------- manifest
+    def _stored_dtype(self) -> Optional[str]:
+        """The storage type of the most recently built entry, from the manifest (None if empty)."""
+        try:
+            manifest = json.loads((self.root / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        dtype = manifest.get("dtype") if isinstance(manifest, dict) else None
+        return dtype if dtype in _DTYPES else None
+
     def _update_manifest(self, key: str, info: dict[str, Any]) -> None:
         manifest = self.manifest()
+        manifest["dtype"] = self.dtype
         manifest["entries"][key] = {
             k: info[k] for k in ("source", "series_uid", "source_fingerprint", "preset", "shape", "dtype", "file_size", "crc32")
         }

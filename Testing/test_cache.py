@@ -183,6 +183,23 @@ def test_training_and_evaluation_windows_come_from_the_preprocessed_cache(cohort
     assert len(list((tmp_path / "c" / "arrays").glob("*.npy"))) == 1
 
 
+def test_training_uses_a_float16_cache_as_it_was_filled(cohort, tmp_path, monkeypatch, capsys):
+    from MMCAFNetLib.train.data import build_dataset
+
+    table, config_file = tmp_path / "cohort.csv", tmp_path / "run.json"
+    cohort.to_csv(table, index=False)
+    config_file.write_text(json.dumps({"preset": SMALL.to_dict()}))
+    assert cli_main(["preprocess", "--cohort", str(table), "--config", str(config_file), "--dtype", "float16",
+                     "--cache", str(tmp_path / "c"), "--no-progress"]) == 0
+    assert PreprocessCache(tmp_path / "c").dtype == "float16"
+    counter = _Counter(monkeypatch)
+    build_dataset(cohort, _train_config(cache_dir=str(tmp_path / "c")), default_schema().fit(cohort), SMALL,
+                  train=False)
+    assert counter.dcm == 0  # served from the float16 entries, nothing re-prepared
+    assert len(list((tmp_path / "c" / "arrays").glob("*.npy"))) == len(cohort)
+    assert PreprocessCache(tmp_path / "empty").dtype == "int16"
+
+
 def test_preprocess_takes_the_preset_of_a_training_config(cohort, tmp_path, capsys):
     table = tmp_path / "cohort.csv"
     cohort.to_csv(table, index=False)
