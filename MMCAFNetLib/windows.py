@@ -13,10 +13,9 @@ checkpoint (``MMCAFNetLib.preset``):
   volume, normalised with ``preset.normalise``; ``Window.ijk_to_ras`` is the window's own grid.
 - ``window_centers_for_box`` gives the windows covering a lesion's whole extent (evaluation; a
   patient's score is the max over them, as the paper); ``sliding_window_centers`` tiles a volume.
-- Training: ``sample_training_center`` is the reference's lesion-centred sampling with jitter (up
-  to 6 slices and a few mm in-plane, never losing the lesion), ``augment`` the reference's
-  horizontal flip (p 0.5) and in-plane rotation by a random integer angle in [-15, 15] degrees
-  filled with air, vectorised with torch.
+- Training: ``augment`` is the reference's horizontal flip (p 0.5) and in-plane rotation by a
+  random integer angle in [-15, 15] degrees filled with air, vectorised with torch (the training
+  dataset, ``train.data``, jitters the lesion-covering centres itself).
 """
 
 from __future__ import annotations
@@ -268,36 +267,7 @@ def sliding_window_centers(prepared: Volume, preset: Preset, overlap: float = 0.
 
 
 # --------------------------------------------------------------------------------------------------
-# Training-time sampling and augmentation
-
-
-def sample_training_center(
-    prepared: Volume,
-    box_kji_min: Sequence[int],
-    box_kji_max: Sequence[int],
-    preset: Preset,
-    rng: np.random.Generator,
-    max_jitter_slices: int = 6,
-    max_jitter_mm: float = 6.0,
-) -> tuple[int, int, int]:
-    """A lesion-centred window centre with jitter: one of the windows covering the lesion, shifted
-    by up to ``max_jitter_slices`` slices and ``max_jitter_mm`` in-plane, but never so far that the
-    window loses the lesion."""
-    centers = window_centers_for_box(prepared, box_kji_min, box_kji_max, preset)
-    center = np.array(centers[int(rng.integers(len(centers)))], dtype=np.int64)
-    spacing_kji = prepared.spacing[::-1]
-    limit = np.array(
-        [max_jitter_slices, *(int(max_jitter_mm // max(float(s), 1e-6)) for s in spacing_kji[1:])], dtype=np.int64
-    )
-    shift = np.array([int(rng.integers(-m, m + 1)) if m > 0 else 0 for m in limit], dtype=np.int64)
-    size = np.array(preset.window, dtype=np.int64)
-    lo, hi = np.asarray(box_kji_min, dtype=np.int64), np.asarray(box_kji_max, dtype=np.int64)
-    # window [c - size//2, c - size//2 + size - 1] must keep at least one lesion voxel on every axis
-    c = center + shift
-    c_min = lo - (size - 1 - size // 2)
-    c_max = hi + size // 2
-    c = np.clip(c, c_min, c_max)
-    return tuple(int(v) for v in c)  # type: ignore[return-value]
+# Training-time augmentation
 
 
 def augment(
@@ -321,7 +291,7 @@ def augment(
     if fill is None:
         fill = air_value(preset) if preset is not None else float(arr.min())
     angle = int(rng.integers(-int(rotate_degrees), int(rotate_degrees) + 1)) if rotate_degrees else 0
-    flip = bool(rng.random() < flip_probability)
+    flip = flip_probability > 0 and bool(rng.random() < flip_probability)  # no draw when off
     out = arr
     if angle:
         a = math.radians(angle)

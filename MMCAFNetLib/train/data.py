@@ -16,7 +16,6 @@ random state, so a resumed run and a run split over N processes draw the same wi
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -150,18 +149,6 @@ def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical:
     return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row))
 
 
-def rotate_inplane(window: np.ndarray, degrees: float, fill: float) -> np.ndarray:
-    """Rotate every slice of [D, H, W] by ``degrees`` about the slice centre (bilinear, ``fill`` outside)."""
-    if not degrees:
-        return window
-    a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=torch.float32)
-    x = torch.from_numpy(window - fill).unsqueeze(1)  # [D, 1, H, W]
-    grid = torch.nn.functional.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    y = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return (y.squeeze(1).numpy() + fill).astype(np.float32)
-
-
 class LesionWindowDataset(Dataset):
     """Windows around each patient's lesion; see the module docstring.
 
@@ -210,11 +197,8 @@ class LesionWindowDataset(Dataset):
             ]
         array = np.asarray(win.cut_window(pw.crop, tuple(int(v) for v in center), self.preset).array, dtype=np.float32)
         if rng is not None:
-            fill = float(self.preset.normalise(np.float32(-1000.0)))
-            if self.rotate_degrees:
-                array = rotate_inplane(array, float(rng.integers(-int(self.rotate_degrees), int(self.rotate_degrees) + 1)), fill)
-            if self.flip and rng.random() < 0.5:
-                array = array[:, :, ::-1].copy()
+            array = win.augment(array, rng, self.preset, rotate_degrees=int(self.rotate_degrees),
+                                flip_probability=0.5 if self.flip else 0.0)
         return array
 
     def __getitem__(self, key) -> dict[str, Any]:
