@@ -1,8 +1,9 @@
 """The preprocessed cache: each CT series prepared once, kept as a memory-mapped array.
 
 Why: reading and resampling a DICOM series costs seconds, and every training run (each fold, each
-stage of the paper recipe) and every evaluation would read every series again. ``mmcafnet preprocess`` (or the first training run) prepares each series with the run's
-preset (``windows.prepare_volume``) and stores it as ``arrays/<key>.npy`` (int16 HU by default,
+stage of the paper recipe) and every evaluation would read every series again. ``mmcafnet
+preprocess`` (or the first training run) prepares each series with the run's preset
+(``windows.prepare_volume``) and stores it as ``arrays/<key>.npy`` (int16 HU by default,
 or float16) with a sidecar ``arrays/<key>.json``; ``manifest.json`` indexes every entry and
 records the storage type, which a cache opened without naming one (a training run) keeps using.
 
