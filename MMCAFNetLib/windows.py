@@ -205,14 +205,17 @@ def ras_to_kji(prepared: Volume, point_ras: Sequence[float]) -> tuple[int, int, 
 def box_ras_to_kji(
     prepared: Volume, box_ras_min: Sequence[float], box_ras_max: Sequence[float]
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Inclusive prepared-voxel box (k, j, i) covering a RAS box, clipped to the volume."""
+    """Inclusive (k, j, i) index ranges of the voxel centres that enclose a RAS box, clipped.
+
+    Rounded outwards (a corner within 1e-6 of a voxel centre counts as on it), so the lesion is
+    never cut: training windows and inference windows both take the box through here.
+    """
     lo, hi = np.asarray(box_ras_min, dtype=np.float64), np.asarray(box_ras_max, dtype=np.float64)
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    ijk = prepared.ras_to_ijk_points(corners)
-    kji = ijk[:, ::-1]
+    kji = prepared.ras_to_ijk_points(corners)[:, ::-1]
     upper = np.array(prepared.shape) - 1
-    kmin = np.clip(np.floor(kji.min(axis=0) + 0.5), 0, upper).astype(int)
-    kmax = np.clip(np.ceil(kji.max(axis=0) - 0.5), 0, upper).astype(int)
+    kmin = np.clip(np.floor(kji.min(axis=0) + 1e-6), 0, upper).astype(int)
+    kmax = np.clip(np.ceil(kji.max(axis=0) - 1e-6), 0, upper).astype(int)
     kmax = np.maximum(kmax, kmin)
     return tuple(int(v) for v in kmin), tuple(int(v) for v in kmax)  # type: ignore[return-value]
 

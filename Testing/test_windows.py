@@ -218,6 +218,11 @@ def test_lesion_box_in_the_prepared_grid(case, prepared):
     lo, hi = box_ras_to_kji(prepared, *case.lesion_box_ras)
     centre = ras_to_kji(prepared, case.lesion_center_ras)
     assert np.all(np.array(lo) <= centre) and np.all(np.array(centre) <= np.array(hi))
-    extent_mm = (np.array(hi) - np.array(lo) + 1) * prepared.spacing[::-1]
-    truth_mm = np.array(case.lesion_box_ras[1]) - np.array(case.lesion_box_ras[0])
-    assert np.all(np.abs(extent_mm[::-1] - truth_mm) <= 2 * prepared.spacing + 1e-6)
+    # the tightest range of voxel centres that encloses the box: nothing of the lesion is cut
+    (a, b) = case.lesion_box_ras
+    corners = np.array([[x, y, z] for x in (a[0], b[0]) for y in (a[1], b[1]) for z in (a[2], b[2])])
+    kji = prepared.ras_to_ijk_points(corners)[:, ::-1]
+    assert np.all(np.array(lo) <= kji.min(axis=0) + 1e-6) and np.all(kji.max(axis=0) - 1e-6 <= np.array(hi))
+    assert np.all(kji.min(axis=0) < np.array(lo) + 1) and np.all(np.array(hi) - 1 < kji.max(axis=0))
+
+

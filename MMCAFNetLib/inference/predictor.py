@@ -193,7 +193,7 @@ class Predictor:
             prepared, centers = prepare_lesion_region(volume, self.preset, box_ras)
         elif box_ras is not None:
             prepared = win.prepare_volume(volume, self.preset)
-            kji_min, kji_max = _box_to_prepared_kji(prepared, box_ras)
+            kji_min, kji_max = win.box_ras_to_kji(prepared, *box_ras)
             centers = list(win.window_centers_for_box(prepared, kji_min, kji_max, self.preset))
         else:
             prepared = win.prepare_volume(volume, self.preset)
@@ -488,7 +488,7 @@ def prepare_lesion_region(
     oriented = win.canonical_orientation(volume, contiguous=False)  # a view: only the crop is copied
     affine, shape = win.prepared_grid(oriented, preset)
     grid = Volume(np.broadcast_to(np.float32(0.0), shape), affine)  # geometry only, no voxels
-    kji_min, kji_max = _box_to_prepared_kji(grid, box_ras)
+    kji_min, kji_max = win.box_ras_to_kji(grid, *box_ras)
     centers = [tuple(int(v) for v in c) for c in win.window_centers_for_box(grid, kji_min, kji_max, preset)]
     size = np.array(preset.window, dtype=np.int64)
     starts = np.rint(np.array(centers, dtype=np.float64)).astype(np.int64) - size // 2
@@ -513,17 +513,6 @@ def prepare_lesion_region(
     block = resample_to_grid(Volume(crop, crop_affine), block_affine, block_shape, "linear", default=win.AIR_HU)
     prepared = Volume(block.array.astype(np.float32, copy=False), block_affine, {**volume.meta, "preset": preset.name})
     return prepared, [tuple(int(v) for v in np.array(c) - lo) for c in centers]
-
-
-def _box_to_prepared_kji(prepared: Volume, box_ras: tuple[np.ndarray, np.ndarray]) -> tuple[tuple, tuple]:
-    lo, hi = box_ras
-    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    ijk = prepared.ras_to_ijk_points(corners)
-    upper = np.array(prepared.shape[::-1]) - 1
-    ijk_lo = np.clip(np.floor(ijk.min(axis=0) + 1e-6), 0, upper).astype(int)
-    ijk_hi = np.clip(np.ceil(ijk.max(axis=0) - 1e-6), 0, upper).astype(int)
-    ijk_hi = np.maximum(ijk_hi, ijk_lo)
-    return tuple(int(v) for v in ijk_lo[::-1]), tuple(int(v) for v in ijk_hi[::-1])
 
 
 def _window_box_ras(ijk_to_ras: np.ndarray, shape_kji: tuple[int, int, int]):

@@ -76,24 +76,14 @@ def available_folds(df) -> list[int]:
 
 def lesion_size_mm(row) -> float:
     """Largest side of the lesion's RAS bounding box, in mm (used to report small lesions apart)."""
-    lo = np.array([float(row[c]) for c in BOX_RAS[:3]])
-    hi = np.array([float(row[c]) for c in BOX_RAS[3:]])
+    lo, hi = _box_ras(row)
     return float(np.max(hi - lo))
 
 
 # ----------------------------------------------------------------------------- windows
-def _box_in_grid(volume: Volume, row) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """The row's RAS box as inclusive (k, j, i) index ranges of ``volume``'s grid (clipped)."""
-    lo = np.array([float(row[c]) for c in BOX_RAS[:3]])
-    hi = np.array([float(row[c]) for c in BOX_RAS[3:]])
-    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    ijk = (np.linalg.inv(volume.ijk_to_ras) @ corners.T)[:3].T
-    kji = ijk[:, ::-1]
-    shape = np.array(volume.array.shape)
-    kmin = np.clip(np.floor(kji.min(axis=0) + 1e-6), 0, shape - 1).astype(int)
-    kmax = np.clip(np.ceil(kji.max(axis=0) - 1e-6), 0, shape - 1).astype(int)
-    kmax = np.maximum(kmax, kmin)
-    return tuple(int(v) for v in kmin), tuple(int(v) for v in kmax)
+def _box_ras(row) -> tuple[np.ndarray, np.ndarray]:
+    """The row's lesion box: RAS minimum and maximum corners, in mm."""
+    return (np.array([float(row[c]) for c in BOX_RAS[:3]]), np.array([float(row[c]) for c in BOX_RAS[3:]]))
 
 
 def _crop(volume: Volume, start: np.ndarray, stop: np.ndarray, fill: float) -> Volume:
@@ -135,7 +125,7 @@ def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical:
         prepared = cache.ensure(row["series_path"], preset, uid)
     else:
         prepared = win.prepare_volume(read_volume(row["series_path"], series_uid=uid), preset)
-    kmin, kmax = _box_in_grid(prepared, row)
+    kmin, kmax = win.box_ras_to_kji(prepared, *_box_ras(row))
     centers = [tuple(int(v) for v in c) for c in win.window_centers_for_box(prepared, kmin, kmax, preset)]
     if not centers:
         centers = [tuple((np.array(kmin) + np.array(kmax)) // 2)]
