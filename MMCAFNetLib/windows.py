@@ -280,33 +280,57 @@ def augment(
     *,
     rotate_degrees: int = 15,
     flip_probability: float = 0.5,
+    scale_range: float = 0.0,
+    mirror_all_axes: bool = False,
     fill: Optional[float] = None,
 ) -> np.ndarray:
-    """The reference's augmentation of one window [D, H, W]: horizontal flip with
-    ``flip_probability`` and an in-plane rotation by a random integer angle in
-    [-rotate_degrees, rotate_degrees] about the slice centre, outside filled with air (the
-    preset's normalised -1000 HU; without a preset, the window's minimum). Same shape and dtype."""
+    """Augment one window [D, H, W]; same shape and dtype.
+
+    The reference's augmentation: an in-plane rotation by a random integer angle in
+    [-rotate_degrees, rotate_degrees] about the slice centre and a left-right flip with
+    ``flip_probability``. Optional, off by default (nnU-Net's practice): an isotropic zoom about the
+    window centre by a factor drawn from [1 - scale_range, 1 + scale_range] (the same in mm along
+    every axis), and mirroring front-back and head-foot, each with probability 0.5. Outside is
+    filled with air (the preset's normalised -1000 HU; without a preset, the window's minimum).
+    Random numbers are drawn only for the operations that are on, so adding an option leaves the
+    draws of runs without it unchanged.
+    """
     import torch
 
     arr = np.asarray(window_array, dtype=np.float32)
     if arr.ndim != 3:
         raise ValueError(f"augment expects one window [D, H, W], got shape {arr.shape}")
+    if not 0.0 <= scale_range < 1.0:
+        raise ValueError(f"scale_range must be in [0, 1), got {scale_range}")
     if fill is None:
         fill = air_value(preset) if preset is not None else float(arr.min())
     angle = int(rng.integers(-int(rotate_degrees), int(rotate_degrees) + 1)) if rotate_degrees else 0
     flip = flip_probability > 0 and bool(rng.random() < flip_probability)  # no draw when off
+    factor = float(rng.uniform(1.0 - scale_range, 1.0 + scale_range)) if scale_range else 1.0
+    mirrors = [int(axis) for axis in (1, 0) if rng.random() < 0.5] if mirror_all_axes else []
     out = arr
-    if angle:
-        a = math.radians(angle)
-        d, h, w = arr.shape
-        # rotation in pixel units (non-square slices stay undistorted), mapped to normalised coords
+    d, h, w = arr.shape
+    a = math.radians(angle)
+    # output -> input sampling coordinates (x = W, y = H), normalised to [-1, 1]; the rotation is
+    # in pixel units so non-square slices stay undistorted
+    rotation = [[math.cos(a), -math.sin(a) * h / w], [math.sin(a) * w / h, math.cos(a)]]
+    shifted = np.ascontiguousarray(arr) - np.float32(fill)  # air -> 0, so zero padding is air
+    if factor != 1.0:  # one trilinear resampling in 3-D; factor > 1 samples more, i.e. shrinks
         theta = torch.tensor(
-            [[math.cos(a), -math.sin(a) * h / w, 0.0], [math.sin(a) * w / h, math.cos(a), 0.0]], dtype=torch.float32
-        )
-        x = torch.from_numpy(np.ascontiguousarray(arr) - np.float32(fill)).unsqueeze(1)  # [D, 1, H, W]
+            [[factor * v for v in rotation[0]] + [0.0, 0.0], [factor * v for v in rotation[1]] + [0.0, 0.0],
+             [0.0, 0.0, factor, 0.0]], dtype=torch.float32)
+        grid = torch.nn.functional.affine_grid(theta[None], [1, 1, d, h, w], align_corners=False)
+        x = torch.from_numpy(shifted)[None, None]
+        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=False)[0, 0].numpy() + np.float32(fill)
+    elif angle:  # slice by slice: exactly no mixing between slices
+        theta = torch.tensor([rotation[0] + [0.0], rotation[1] + [0.0]], dtype=torch.float32)
         grid = torch.nn.functional.affine_grid(theta.expand(d, 2, 3), [d, 1, h, w], align_corners=False)
-        y = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        out = y.squeeze(1).numpy() + np.float32(fill)
+        x = torch.from_numpy(shifted).unsqueeze(1)  # [D, 1, H, W]
+        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=False).squeeze(1).numpy() + np.float32(fill)
     if flip:
         out = out[:, :, ::-1]
+    for axis in mirrors:
+        out = np.flip(out, axis=axis)
     return np.ascontiguousarray(out, dtype=np.float32)

@@ -149,3 +149,25 @@ def test_record_dropout_presents_the_unknown_record_to_a_share_of_training_items
 
     with pytest.raises(ValueError, match="record_dropout"):
         TrainConfig(record_dropout=1.5).validate()
+
+
+def test_zoom_and_mirroring_reach_the_training_windows_only():
+    from MMCAFNetLib.preset import Preset
+    from MMCAFNetLib.train.data import LesionWindowDataset, PatientWindows
+    from MMCAFNetLib.volume import Volume
+
+    preset = Preset(name="t", spacing=(1.0, 1.0, 1.0), window=(4, 8, 8), hu_range=(-1000.0, 400.0), mean=0.3)
+    rng = np.random.default_rng(0)
+    patients = [PatientWindows(Volume(rng.normal(-500, 200, (8, 16, 16)).astype(np.float32), np.eye(4), {}),
+                               [(4, 8, 8)], np.zeros(3, np.float32), p % 2, f"P{p}", 10.0) for p in range(4)]
+
+    def images(train, **extra):
+        ds = LesionWindowDataset(patients, preset, train, seed=3, windows_per_patient=3, **extra)
+        return [ds[i]["image"].numpy() for i in range(len(ds))]
+
+    plain = images(True)
+    extras = images(True, scale_range=0.2, mirror_all_axes=True)
+    assert sum(not np.array_equal(a, b) for a, b in zip(plain, extras)) >= len(plain) - 1
+    assert all(np.array_equal(a, b) for a, b in zip(images(False), images(False, scale_range=0.2, mirror_all_axes=True)))
+    with pytest.raises(ValueError, match="scale_range"):
+        TrainConfig(scale_range=1.0).validate()

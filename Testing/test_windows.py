@@ -209,6 +209,36 @@ def test_augment_keeps_shape_flips_and_rotates_with_air():
         augment(x[0], rng, DEFAULT)
 
 
+def test_augment_zoom_scales_a_ball_and_mirroring_keeps_voxels():
+    air = air_value(DEFAULT)
+    zz, yy, xx = np.mgrid[:24, :40, :40]
+    ball = np.where((zz - 11.5) ** 2 + (yy - 19.5) ** 2 + (xx - 19.5) ** 2 < 64, 0.5, air).astype(np.float32)
+    for seed in range(6):
+        factor = np.random.default_rng(seed).uniform(0.7, 1.3)  # the only draw with rotation and flip off
+        z = augment(ball, np.random.default_rng(seed), DEFAULT, rotate_degrees=0, flip_probability=0.0,
+                    scale_range=0.3)
+        assert z.shape == ball.shape and np.isclose(z[0, 0, 0], air)
+        # factor > 1 samples a larger region: the ball's volume shrinks by factor ** 3
+        ratio = (z > (0.5 + air) / 2).sum() / (ball > 0).sum()
+        assert ratio == pytest.approx(factor ** -3, rel=0.15), (seed, factor)
+    x = np.random.default_rng(1).normal(size=(4, 6, 8)).astype(np.float32)
+    seen = set()
+    for seed in range(40):
+        m = augment(x, np.random.default_rng(seed), DEFAULT, rotate_degrees=0, flip_probability=0.0,
+                    mirror_all_axes=True)
+        matches = [axes for axes in ((), (0,), (1,), (0, 1)) if np.array_equal(m, np.flip(x, axes) if axes else x)]
+        assert len(matches) == 1  # an exact mirror: no interpolation
+        seen.add(matches[0])
+    assert len(seen) == 4  # head-foot and front-back, each on and off
+    # the extras switched off draw nothing: a run without them keeps its draws
+    rng_a, rng_b = np.random.default_rng(4), np.random.default_rng(4)
+    augment(x, rng_a, DEFAULT)
+    augment(x, rng_b, DEFAULT, scale_range=0.0, mirror_all_axes=False)
+    assert rng_a.random() == rng_b.random()
+    with pytest.raises(ValueError, match="scale_range"):
+        augment(x, np.random.default_rng(0), DEFAULT, scale_range=1.0)
+
+
 def test_air_padding_value_is_preset_normalised_air():
     assert air_value(DEFAULT) == pytest.approx(float(DEFAULT.normalise(np.float32(AIR_HU))))
     assert air_value(PAPER) == pytest.approx((-1000 + 1124) / 1000 - PAPER.mean)

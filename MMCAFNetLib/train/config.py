@@ -51,7 +51,11 @@ class TrainConfig:
     augment: bool = True
     jitter_slices: int = 2
     rotate_degrees: float = 15.0
-    flip: bool = True
+    flip: bool = True  # left-right, as the reference
+    # nnU-Net-style extras, off by default: isotropic zoom by a factor in [1 - s, 1 + s], and
+    # mirroring front-back and head-foot (lesion appearance does not depend on either)
+    scale_range: float = 0.0
+    mirror_all_axes: bool = False
     # share of training items whose clinical record is presented as all "unknown" (the schema's
     # imputed values): the model learns to classify from the image when the form is left empty,
     # and its image branch cannot lean on the record alone
@@ -108,6 +112,7 @@ class TrainConfig:
             (self.batchnorm in ("auto", "train", "sync", "frozen"), "batchnorm must be auto, train, sync or frozen"),
             (self.windows_per_patient >= 1, "windows_per_patient must be at least 1"),
             (0.0 <= self.record_dropout <= 1.0, "record_dropout must lie in [0, 1]"),
+            (0.0 <= self.scale_range < 1.0, "scale_range must lie in [0, 1) (e.g. 0.1 for a +-10 % zoom)"),
             (self.selection_metric in ("auroc", "loss"), "selection_metric must be 'auroc' or 'loss'"),
         ]
         if self.recipe == "paper" and self.stage in (2, 3) and not self.init:

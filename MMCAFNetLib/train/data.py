@@ -5,7 +5,7 @@ preprocessed cache when the run has one (``cache_dir``: the folder ``mmcafnet pr
 or that the first run fills), and cropped to the region its lesion windows can reach (plus the
 jitter margin); only that crop is kept in memory. Training items draw one lesion window per
 patient (``windows_per_patient`` times per epoch) with slice jitter, in-plane shift, left-right
-flip and in-plane rotation;
+flip and in-plane rotation (and, when configured, zoom and mirroring along the other axes);
 evaluation items are every window covering the lesion (``windows.window_centers_for_box``), with
 no augmentation, so a patient's score can be aggregated over them.
 
@@ -150,7 +150,8 @@ class LesionWindowDataset(Dataset):
     def __init__(self, patients: list[PatientWindows], preset: Preset, train: bool, seed: int = 0,
                  windows_per_patient: int = 1, jitter_slices: int = 2, rotate_degrees: float = 15.0,
                  flip: bool = True, augment: bool = True, record_dropout: float = 0.0,
-                 unknown_clinical: Optional[np.ndarray] = None):
+                 unknown_clinical: Optional[np.ndarray] = None, scale_range: float = 0.0,
+                 mirror_all_axes: bool = False):
         self.patients = patients
         self.preset = preset
         self.train = train
@@ -159,6 +160,8 @@ class LesionWindowDataset(Dataset):
         self.jitter_slices = int(jitter_slices)
         self.rotate_degrees = float(rotate_degrees)
         self.flip = flip
+        self.scale_range = float(scale_range)
+        self.mirror_all_axes = bool(mirror_all_axes)
         self.augment = augment and train
         self.record_dropout = float(record_dropout) if train else 0.0
         if self.record_dropout and unknown_clinical is None:
@@ -188,7 +191,8 @@ class LesionWindowDataset(Dataset):
         array = np.asarray(win.cut_window(pw.crop, tuple(int(v) for v in center), self.preset).array, dtype=np.float32)
         if rng is not None:
             array = win.augment(array, rng, self.preset, rotate_degrees=int(self.rotate_degrees),
-                                flip_probability=0.5 if self.flip else 0.0)
+                                flip_probability=0.5 if self.flip else 0.0, scale_range=self.scale_range,
+                                mirror_all_axes=self.mirror_all_axes)
         return array
 
     def __getitem__(self, key) -> dict[str, Any]:
@@ -251,7 +255,7 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
     unknown = schema.encode([{}])[0].astype(np.float32)  # every field "unknown": the fitted imputations
     return LesionWindowDataset(patients, preset, train, config.seed, config.windows_per_patient,
                                config.jitter_slices, config.rotate_degrees, config.flip, config.augment,
-                               config.record_dropout, unknown)
+                               config.record_dropout, unknown, config.scale_range, config.mirror_all_axes)
 
 
 # ----------------------------------------------------------------------------- models
