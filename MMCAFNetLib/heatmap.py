@@ -340,9 +340,19 @@ def _geometry_meta(source: Volume, kind: str) -> dict:
 
 
 def peak_ras(heatmap: Volume) -> Optional[np.ndarray]:
-    """RAS position of the heatmap's maximum voxel, or None for an all-zero map."""
+    """RAS position of the heatmap's maximum, or None for an all-zero map.
+
+    A map upsampled from a coarse feature grid has plateaus: a Grad-CAM map from a feature map one
+    voxel deep is constant along the slices of its window. The first maximal voxel would then sit
+    on the window's edge; the maximal voxel nearest the plateau's centroid is where the evidence is.
+    """
     arr = heatmap.array
-    if arr.size == 0 or float(arr.max()) <= 0:
+    if arr.size == 0:
         return None
-    k, j, i = np.unravel_index(int(np.argmax(arr)), arr.shape)
+    top = float(arr.max())
+    if top <= 0:
+        return None
+    plateau = np.argwhere(arr >= top * (1.0 - 1e-6))  # (N, 3) k, j, i
+    centre = plateau.mean(axis=0)
+    k, j, i = plateau[int(np.argmin(((plateau - centre) ** 2).sum(axis=1)))]
     return heatmap.ijk_to_ras_points([[i, j, k]])[0]

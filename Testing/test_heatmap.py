@@ -164,6 +164,12 @@ def test_peak_ras_and_empty_map() -> None:
     assert hm.peak_ras(vol) is None
     vol.array[2, 3, 4] = 1.0
     np.testing.assert_allclose(hm.peak_ras(vol), [1.0 + 8.0, 2.0 + 6.0, 3.0 + 4.0])
+    # a plateau (a coarse map upsampled: constant along the slices) peaks at its middle, not its edge
+    vol.array[:] = 0.2
+    vol.array[:, 1, 5] = 0.9
+    np.testing.assert_allclose(hm.peak_ras(vol), [1.0 + 10.0, 2.0 + 2.0, 3.0 + 4.0])
+    vol.array[0, 1, 5] = 0.9 * (1 + 1e-3)  # a real maximum still wins
+    np.testing.assert_allclose(hm.peak_ras(vol), [1.0 + 10.0, 2.0 + 2.0, 3.0])
 
 
 def test_full_size_ct_grid_is_filled_quickly() -> None:
