@@ -223,7 +223,7 @@ def verify_file(entry: ModelEntry, path: str | os.PathLike) -> None:
         )
 
 
-def _describe_checkpoint(path: Path) -> dict[str, Any]:
+def checkpoint_facts(path: Path) -> dict[str, Any]:
     """Plain facts of a checkpoint, read safely (weights_only); refuses anything else."""
     from MMCAFNetLib.checkpoint import load_checkpoint
 
@@ -270,7 +270,7 @@ def add_model_from_file(
         return _register(extract_archive(source, folder), title)
     if source.suffix not in CHECKPOINT_SUFFIXES:
         raise CatalogError(f"{source.name}: expected a .pt/.pth checkpoint or a .zip holding one")
-    facts = _describe_checkpoint(source)  # refuses pickled code before copying
+    facts = checkpoint_facts(source)  # refuses pickled code before copying
     target = folder / source.name
     if target.resolve() != source.resolve():
         _atomic_copy(source, target)
@@ -279,7 +279,7 @@ def add_model_from_file(
 
 def _register(path: Path, title: Optional[str], facts: Optional[dict[str, Any]] = None) -> ModelEntry:
     try:
-        facts = facts or _describe_checkpoint(path)
+        facts = facts or checkpoint_facts(path)
     except ValueError:
         path.unlink(missing_ok=True)
         raise

@@ -373,13 +373,12 @@ _SCHEMA_BY_FILE: dict[tuple[str, int, int], Optional[dict]] = {}
 
 def _checkpoint_schema(path: Path) -> Optional[dict]:
     """The schema dict stored in a checkpoint, remembered per (file, size, mtime)."""
-    from MMCAFNetLib.checkpoint import load_checkpoint
+    from MMCAFNetLib.model_catalog import checkpoint_facts
 
     stat = Path(path).stat()
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _SCHEMA_BY_FILE:
-        spec = load_checkpoint(path).get("schema")
-        _SCHEMA_BY_FILE[key] = spec if isinstance(spec, dict) and spec.get("fields") else None
+        _SCHEMA_BY_FILE[key] = checkpoint_facts(Path(path))["schema_spec"]
     return _SCHEMA_BY_FILE[key]
 
 

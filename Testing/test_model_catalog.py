@@ -70,7 +70,7 @@ def test_bundled_files_match_their_sha256():
 def test_bundled_demo_checkpoint_agrees_with_its_catalog_entry():
     for e in mc.load_catalog():
         if e.file and (resources_dir() / e.file).is_file():
-            facts = mc._describe_checkpoint(resources_dir() / e.file)
+            facts = mc.checkpoint_facts(resources_dir() / e.file)
             assert facts["classes"] == e.classes and facts["demo"] == e.demo
             return
     pytest.skip("no bundled model file is present yet")
