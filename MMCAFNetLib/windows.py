@@ -14,8 +14,9 @@ checkpoint (``MMCAFNetLib.preset``):
 - ``window_centers_for_box`` gives the windows covering a lesion's whole extent (evaluation; a
   patient's score is the max over them, as the paper); ``sliding_window_centers`` tiles a volume.
 - Training: ``augment`` is the reference's horizontal flip (p 0.5) and in-plane rotation by a
-  random integer angle in [-15, 15] degrees filled with air, vectorised with torch (the training
-  dataset, ``train.data``, jitters the lesion-covering centres itself).
+  random integer angle in [-15, 15] degrees filled with air, vectorised with torch, plus optional
+  zoom and mirroring along the other axes (the training dataset, ``train.data``, jitters the
+  lesion-covering centres itself).
 """
 
 from __future__ import annotations
@@ -309,26 +310,26 @@ def augment(
     factor = float(rng.uniform(1.0 - scale_range, 1.0 + scale_range)) if scale_range else 1.0
     mirrors = [int(axis) for axis in (1, 0) if rng.random() < 0.5] if mirror_all_axes else []
     out = arr
-    d, h, w = arr.shape
-    a = math.radians(angle)
-    # output -> input sampling coordinates (x = W, y = H), normalised to [-1, 1]; the rotation is
-    # in pixel units so non-square slices stay undistorted
-    rotation = [[math.cos(a), -math.sin(a) * h / w], [math.sin(a) * w / h, math.cos(a)]]
-    shifted = np.ascontiguousarray(arr) - np.float32(fill)  # air -> 0, so zero padding is air
-    if factor != 1.0:  # one trilinear resampling in 3-D; factor > 1 samples more, i.e. shrinks
-        theta = torch.tensor(
-            [[factor * v for v in rotation[0]] + [0.0, 0.0], [factor * v for v in rotation[1]] + [0.0, 0.0],
-             [0.0, 0.0, factor, 0.0]], dtype=torch.float32)
-        grid = torch.nn.functional.affine_grid(theta[None], [1, 1, d, h, w], align_corners=False)
-        x = torch.from_numpy(shifted)[None, None]
-        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
-                                              align_corners=False)[0, 0].numpy() + np.float32(fill)
-    elif angle:  # slice by slice: exactly no mixing between slices
-        theta = torch.tensor([rotation[0] + [0.0], rotation[1] + [0.0]], dtype=torch.float32)
-        grid = torch.nn.functional.affine_grid(theta.expand(d, 2, 3), [d, 1, h, w], align_corners=False)
-        x = torch.from_numpy(shifted).unsqueeze(1)  # [D, 1, H, W]
-        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
-                                              align_corners=False).squeeze(1).numpy() + np.float32(fill)
+    if angle or factor != 1.0:
+        d, h, w = arr.shape
+        a = math.radians(angle)
+        # output -> input sampling coordinates (x = W, y = H), normalised to [-1, 1]; the rotation
+        # is in pixel units so non-square slices stay undistorted
+        rotation = [[math.cos(a), -math.sin(a) * h / w], [math.sin(a) * w / h, math.cos(a)]]
+        x = torch.from_numpy(np.ascontiguousarray(arr) - np.float32(fill))  # air -> 0: zero padding is air
+        if factor != 1.0:  # one trilinear resampling in 3-D; factor > 1 samples more, i.e. shrinks
+            theta = torch.tensor(
+                [[factor * v for v in rotation[0]] + [0.0, 0.0], [factor * v for v in rotation[1]] + [0.0, 0.0],
+                 [0.0, 0.0, factor, 0.0]], dtype=torch.float32)
+            grid = torch.nn.functional.affine_grid(theta[None], [1, 1, d, h, w], align_corners=False)
+            y = torch.nn.functional.grid_sample(x[None, None], grid, mode="bilinear", padding_mode="zeros",
+                                                align_corners=False)[0, 0]
+        else:  # rotation only, slice by slice: exactly no mixing between slices
+            theta = torch.tensor([rotation[0] + [0.0], rotation[1] + [0.0]], dtype=torch.float32)
+            grid = torch.nn.functional.affine_grid(theta.expand(d, 2, 3), [d, 1, h, w], align_corners=False)
+            y = torch.nn.functional.grid_sample(x.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros",
+                                                align_corners=False).squeeze(1)
+        out = y.numpy() + np.float32(fill)
     if flip:
         out = out[:, :, ::-1]
     for axis in mirrors:
