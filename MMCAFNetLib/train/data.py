@@ -139,6 +139,12 @@ def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical:
     return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row))
 
 
+def jitter_margin(preset: Preset, jitter_slices: int) -> tuple[int, int, int]:
+    """Largest shift of a training window's centre (slices, rows, columns): an eighth of the
+    window in-plane. The training crop keeps this margin around the lesion windows."""
+    return int(jitter_slices), preset.window[1] // 8, preset.window[2] // 8
+
+
 class LesionWindowDataset(Dataset):
     """Windows around each patient's lesion; see the module docstring.
 
@@ -183,9 +189,10 @@ class LesionWindowDataset(Dataset):
     def _window(self, pw: PatientWindows, center, rng: Optional[np.random.Generator]) -> np.ndarray:
         center = np.array(center)
         if rng is not None:
-            shift_inplane = np.array(self.preset.window[1:]) // 8
+            slices, *inplane = jitter_margin(self.preset, self.jitter_slices)
+            shift_inplane = np.array(inplane)
             center = center + np.r_[
-                rng.integers(-self.jitter_slices, self.jitter_slices + 1),
+                rng.integers(-slices, slices + 1),
                 rng.integers(-shift_inplane, shift_inplane + 1),
             ]
         array = np.asarray(win.cut_window(pw.crop, tuple(int(v) for v in center), self.preset).array, dtype=np.float32)
@@ -239,7 +246,7 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
     classes = list(class_names or config.class_names)
     records = df[list(schema.field_names)].to_dict(orient="records")
     clinical = schema.encode(records).astype(np.float32) if len(records) else np.zeros((0, schema.num_features), np.float32)
-    jitter = (config.jitter_slices, preset.window[1] // 8, preset.window[2] // 8) if train else (0, 0, 0)
+    jitter = jitter_margin(preset, config.jitter_slices) if train else (0, 0, 0)
     rows = list(df.to_dict(orient="records"))
     show = config.progress if progress is None else progress
     iterator = rows
