@@ -1,15 +1,17 @@
-"""Qt-free classification logic behind the Slicer module: a job API over a cached Predictor.
+"""Qt-free classification logic behind the Slicer module: a job API over the worker process.
 
-The Predictor runs on a worker thread (the GUI stays responsive); MRML is touched only by the
-thread that calls :meth:`ClassificationJob.poll` / :meth:`ClassificationJob.finish` (Slicer's main
-thread, driven by a QTimer in the widget). Reading the inputs happens in :meth:`ClassificationLogic.start`,
-also on the caller's thread. A cancelled or failed job writes nothing; a finished one replaces the
-CT's earlier outputs in one step (see ``scene.write_outputs``).
+The classification runs in a separate process (:mod:`MMCAFNetLib.worker`) that keeps the model
+loaded: inside Slicer a Python thread would be starved (PythonQt holds the GIL while the main thread
+idles in the Qt event loop). Everything here runs on the caller's thread (Slicer's main thread,
+driven by a QTimer in the widget) and never blocks for long: :meth:`ClassificationLogic.start` reads
+the inputs from the scene and hands them over as files; :meth:`ClassificationJob.poll` reads the
+worker's progress and, once it is done, its result files, and writes the scene. A cancelled or
+failed job writes nothing; a finished one replaces the CT's earlier outputs in one step (see
+``scene.write_outputs``).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +19,21 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from MMCAFNetLib import scene
-from MMCAFNetLib.results import Cancelled, Classification
+from MMCAFNetLib import job_files, scene
+from MMCAFNetLib.results import Classification
+from MMCAFNetLib.worker_client import STOP_GRACE_S, WorkerError, WorkerProcess, describe_exit, wait_for
 
 HEATMAP_METHODS = ("attention", "gradcam", "none")
 DEVICES = ("auto", "cuda", "cpu")
 UNKNOWN = "unknown"
 
-PredictorLoader = Callable[[str, str], Any]
-
 
 class JobBusyError(RuntimeError):
     """A classification is already running; only one runs at a time (one model, one GPU)."""
+
+
+class WorkerInputError(ValueError):
+    """The worker refused the inputs (the CT, the lesion, the record or the model file)."""
 
 
 @dataclass
@@ -50,62 +55,34 @@ class ClassificationOptions:
             raise ValueError(f"heatmap threshold must be within 0..1, got {self.threshold}")
 
 
-def default_loader(path: str, device: str) -> Any:
-    from MMCAFNetLib.inference import Predictor
-
-    return Predictor.load(path, device=device)
-
-
-def is_cuda_out_of_memory(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError (or the RuntimeError older torch raises) without importing torch."""
-    return type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
-    )
-
-
-def _on_cuda(predictor: Any) -> bool:
-    return "cuda" in str(getattr(predictor, "device", ""))
-
-
 class ClassificationJob:
-    """One classification in flight. Poll it from the main thread; read ``progress`` anywhere."""
+    """One classification in flight in the worker process. Poll it from the main thread."""
 
-    def __init__(
-        self,
-        logic: ClassificationLogic,
-        ct_node: Any,
-        volume: Any,
-        record: dict[str, Any],
-        lesion: Any,
-        options: ClassificationOptions,
-    ) -> None:
+    def __init__(self, logic: ClassificationLogic, worker: WorkerProcess, ct_node: Any, options: ClassificationOptions) -> None:
         self._logic = logic
+        self._worker = worker
         self.ct_node = ct_node
-        self._volume = volume
-        self._record = dict(record)
-        self._lesion = lesion
         self.options = options
-        self._cancel = threading.Event()
-        self._worker_done = threading.Event()
-        self._lock = threading.Lock()
+        self.id = ""
         self._done_steps, self._total_steps = 0, 0
+        self._outcome: Optional[str] = None  # "done" | "cancelled" | "error" once the worker is through
+        self._cancel_deadline: Optional[float] = None
         self._finished = False
+        self.status = "Starting the worker" if not worker.alive else "Queued"
         self.result: Optional[Classification] = None
         self.outputs: Optional[scene.SceneOutputs] = None
         self.error: Optional[BaseException] = None
         self.messages: list[str] = []
         self.started = time.perf_counter()
         self.elapsed = 0.0
-        self._thread = threading.Thread(target=self._run, name="MMCAFNet classification", daemon=True)
 
-    # -- state, safe from any thread --------------------------------------------------------------
+    # -- state --------------------------------------------------------------------------------------
     @property
     def progress(self) -> float:
         """Fraction 0..1 of windows done (1.0 once the result is in)."""
-        with self._lock:
-            if self._worker_done.is_set() and self.error is None and not self.cancelled:
-                return 1.0
-            return self._done_steps / self._total_steps if self._total_steps else 0.0
+        if self._outcome == "done" and not self.cancelled:
+            return 1.0
+        return self._done_steps / self._total_steps if self._total_steps else 0.0
 
     @property
     def percent(self) -> int:
@@ -113,7 +90,7 @@ class ClassificationJob:
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel_deadline is not None
 
     @property
     def running(self) -> bool:
@@ -125,31 +102,83 @@ class ClassificationJob:
         return self._finished
 
     def cancel(self) -> None:
-        """Ask the worker to stop at the next window; nothing will be written to the scene."""
-        self._cancel.set()
+        """Ask the worker to stop at the next window; it is killed if it has not stopped after a
+        short grace. Nothing will be written to the scene."""
+        if self._finished or self.cancelled:
+            return
+        self._cancel_deadline = time.monotonic() + STOP_GRACE_S
+        self._worker.cancel(self.id)
+        self.status = "Cancelling"
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block until the worker thread ends (it does not write the scene)."""
-        return self._worker_done.wait(timeout)
+    # -- main thread ----------------------------------------------------------------------------------
+    def _pump(self) -> bool:
+        """Read the worker's events; True once the worker is through with this job."""
+        if self._outcome is not None:
+            return True
+        for event in self._worker.read_events():
+            if event.get("job") == self.id:
+                self._on_event(event)
+        if self._outcome is None and not self._worker.alive:
+            for event in self._worker.read_events():  # what it wrote just before it ended
+                if event.get("job") == self.id:
+                    self._on_event(event)
+            if self._outcome is None:
+                self._outcome = "cancelled" if self.cancelled else "error"
+                if not self.cancelled:
+                    self.error = WorkerError(
+                        f"the classification worker stopped while classifying: {describe_exit(self._worker.exit_code)}. "
+                        "The next Apply starts a fresh one; if memory ran out, choose the CPU or close other programs."
+                        + (f"\nIts last output:\n{tail}" if (tail := self._worker.log_tail()) else "")
+                    )
+        if self._outcome is None and self.cancelled and time.monotonic() > self._cancel_deadline:
+            self._worker.kill()  # it did not stop by itself: a hard cancel
+            self._outcome = "cancelled"
+        return self._outcome is not None
 
-    # -- main thread --------------------------------------------------------------------------------
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            self._done_steps, self._total_steps = int(event["done"]), int(event["total"])
+            if self._total_steps and not self.cancelled:
+                self.status = f"Classifying: window {self._done_steps} of {self._total_steps}"
+        elif kind == "loading" and not self.cancelled:
+            self.status = "Loading the model"
+        elif kind == "message":
+            self.messages.append(str(event.get("text", "")))
+        elif kind in ("done", "cancelled"):
+            self._outcome = kind
+        elif kind == "error":
+            self._outcome = "error"
+            message = str(event.get("message", "unknown error"))
+            if event.get("kind") == "input":
+                self.error = WorkerInputError(message)
+            else:
+                self.error = WorkerError(f"{event.get('type', 'Error')}: {message}\n{event.get('traceback', '')}".strip())
+
     def poll(self) -> bool:
-        """Main thread: when the worker is over, write the outputs (unless cancelled). True when done."""
+        """Main thread: when the worker is through, write the outputs (unless cancelled). True when done."""
         if self._finished:
             return True
-        if not self._worker_done.is_set():
+        if not self._pump():
             return False
         try:
-            if self.error is None and not self.cancelled and self.result is not None:
+            if self._outcome == "done" and not self.cancelled:
                 try:
+                    self.result = job_files.read_result(self._worker.job_folder(self.id))
                     self.outputs = scene.write_outputs(self.ct_node, self.result, show=self.options.show)
                 except Exception as exc:  # the scene is as it was (write_outputs is all-or-nothing)
                     self.error = exc
         finally:
+            self._worker.remove_job(self.id)
             self._finished = True
             self.elapsed = time.perf_counter() - self.started
+            self.status = "Cancelled" if self.cancelled else ("Failed" if self.error is not None else "Done")
             self._logic._job_over(self)
         return True
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the worker is through with the job (the scene is written by poll/finish)."""
+        return wait_for(self._pump, timeout)
 
     def finish(self, timeout: Optional[float] = None) -> Optional[scene.SceneOutputs]:
         """Main thread: wait for the worker, write the outputs, re-raise its error. None if cancelled."""
@@ -160,92 +189,31 @@ class ClassificationJob:
             raise self.error
         return self.outputs
 
-    # -- worker -------------------------------------------------------------------------------------
-    def _start(self) -> None:
-        self._thread.start()
-
-    def _progress(self, done: int, total: int) -> None:
-        with self._lock:
-            self._done_steps, self._total_steps = int(done), int(total)
-
-    def _run(self) -> None:
-        try:
-            predictor = self._logic.predictor(self.options.model_path, self.options.device)
-            try:
-                self.result = self._classify(predictor)
-            except Exception as exc:
-                if not (is_cuda_out_of_memory(exc) and _on_cuda(predictor)):
-                    raise
-                self._logic._release_cuda()
-                self.messages.append("The GPU ran out of memory; classifying on the CPU instead (slower).")
-                cpu = self._logic.predictor(self.options.model_path, "cpu")
-                self._progress(0, self._total_steps)
-                self.result = self._classify(cpu)
-        except Cancelled:
-            self._cancel.set()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            if self.cancelled:
-                self.result = None
-            self._worker_done.set()
-
-    def _classify(self, predictor: Any) -> Classification:
-        method = None if self.options.heatmap == "none" else self.options.heatmap
-        return predictor.classify(
-            self._volume,
-            self._record,
-            lesion=self._lesion,
-            heatmap=method,
-            threshold=float(self.options.threshold),
-            progress=self._progress,
-            cancel=self._cancel,
-        )
-
 
 class ClassificationLogic:
-    """Loads and caches predictors, starts one job at a time, and runs batches from the console."""
+    """Owns the worker process, starts one job at a time, and runs batches from the console.
 
-    def __init__(self, loader: Optional[PredictorLoader] = None) -> None:
-        self._loader = loader or default_loader
-        self._predictors: dict[tuple[str, str], Any] = {}
-        self._cache_lock = threading.Lock()
+    ``worker`` is built on first use; pass one to choose its Python or (tests) its predictor loader.
+    """
+
+    def __init__(self, worker: Optional[WorkerProcess] = None) -> None:
+        self.worker = worker or WorkerProcess()
         self._job: Optional[ClassificationJob] = None
-        self._start_lock = threading.Lock()
 
     # -- models ---------------------------------------------------------------------------------
     @staticmethod
     def resolve_model_path(model_path: Optional[str]) -> str:
         if model_path:
-            return str(Path(model_path))
+            return str(Path(model_path).resolve())
         from MMCAFNetLib.resources import demo_checkpoint_path
 
         return str(demo_checkpoint_path())
 
-    def predictor(self, model_path: Optional[str] = None, device: str = "auto") -> Any:
-        """The cached predictor for (model, device); loaded on first use (any thread)."""
-        key = (self.resolve_model_path(model_path), device)
-        with self._cache_lock:
-            if key not in self._predictors:
-                self._predictors[key] = self._loader(*key)
-            return self._predictors[key]
-
     def clear_cache(self) -> None:
-        with self._cache_lock:
-            self._predictors.clear()
-        self._release_cuda()
-
-    def _release_cuda(self) -> None:
-        with self._cache_lock:
-            for key in [k for k, p in self._predictors.items() if _on_cuda(p)]:
-                del self._predictors[key]
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        """Stop the worker, which frees every model it holds (the next job starts a fresh one)."""
+        if self._job is not None and not self._job.done:
+            self._job.cancel()
+        self.worker.close()
 
     # -- jobs -----------------------------------------------------------------------------------
     @property
@@ -263,23 +231,24 @@ class ClassificationLogic:
         lesion: Any = None,
         options: Optional[ClassificationOptions] = None,
     ) -> ClassificationJob:
-        """Main thread: read the inputs from the scene and start classifying on a worker thread.
+        """Main thread: read the inputs from the scene and hand them to the worker process.
 
         ``lesion`` is a markups point / ROI / segmentation node, or already plain data (point,
         box, mask Volume), or None. Raises JobBusyError while another job runs.
         """
-        with self._start_lock:  # two starts at once (threads, console scripts): one runs, the other is refused
-            if self.busy:
-                raise JobBusyError(
-                    "a classification is already running; wait for it or press Cancel before starting another"
-                )
-            options = options or ClassificationOptions()
-            volume = scene.volume_from_node(ct_node)
-            if lesion is not None and hasattr(lesion, "IsA"):
-                lesion = scene.lesion_from_node(lesion, ct_node)
-            job = ClassificationJob(self, ct_node, volume, clean_record(record or {}), lesion, options)
-            self._job = job
-            job._start()
+        if self.busy:
+            raise JobBusyError("a classification is already running; wait for it or press Cancel before starting another")
+        options = options or ClassificationOptions()
+        volume = scene.volume_from_node(ct_node)
+        if lesion is not None and hasattr(lesion, "IsA"):
+            lesion = scene.lesion_from_node(lesion, ct_node)
+        job = ClassificationJob(self, self.worker, ct_node, options)
+        request = {
+            "model_path": self.resolve_model_path(options.model_path), "device": options.device,
+            "heatmap": options.heatmap, "threshold": float(options.threshold),
+        }
+        job.id = self.worker.submit(volume, clean_record(record or {}), lesion, request)
+        self._job = job
         return job
 
     def _job_over(self, job: ClassificationJob) -> None:
@@ -293,7 +262,7 @@ class ClassificationLogic:
         lesion: Any = None,
         options: Optional[ClassificationOptions] = None,
     ) -> tuple[Optional[Classification], Optional[scene.SceneOutputs]]:
-        """Blocking run (console, tests): start, wait, write. Returns (result, output nodes)."""
+        """Blocking run (console, batch scripts, tests): start, wait, write. Returns (result, output nodes)."""
         job = self.start(ct_node, record, lesion, options)
         outputs = job.finish()
         return job.result, outputs

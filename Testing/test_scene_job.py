@@ -1,14 +1,15 @@
-"""The job API of MMCAFNetLib.slicer_logic on Slicer's real MRML scene: worker thread, progress,
-cancel, refusal of a second job, failures leaving the scene as it was, CUDA OOM fallback, batch.
+"""The job API of MMCAFNetLib.slicer_logic on Slicer's real MRML scene, with the classification in
+the real worker process: progress, cancel (asked, then forced), refusal of a second job, failures
+and a killed worker leaving the scene as it was, CUDA OOM fallback, one model load, batch.
 
-The classifier is the real Predictor on a real (small, untrained) mmcafnet-lite checkpoint when
-MMCAFNetLib.inference can run; until then a small real torch network with Predictor.classify's
-signature stands in (see ``classifier_kind``).
+The worker runs the real Predictor on a small real mmcafnet-lite checkpoint, or, where a test needs
+a behaviour no real model shows on this machine (a GPU out of memory, a worker killed mid-job, a
+classification deaf to Cancel), the torch stand-in of Testing/worker_standins.py.
 """
 
 from __future__ import annotations
 
-import threading
+import os
 import time
 
 import numpy as np
@@ -17,79 +18,17 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
 torch = pytest.importorskip("torch")
 
+from worker_standins import LOADER, TESTING_DIR, write_config  # noqa: E402
+
 from MMCAFNetLib import scene as mscene  # noqa: E402
 from MMCAFNetLib import slicer_logic as sl  # noqa: E402
-from MMCAFNetLib.results import CLASS_LABELS, Cancelled, Classification  # noqa: E402
+from MMCAFNetLib.worker_client import WorkerError, WorkerProcess  # noqa: E402
 
 pytestmark = pytest.mark.scene
-
-
-class TorchStandIn:
-    """A real torch 3D network (untrained) with ``Predictor.classify``'s signature and behaviour:
-    per-slab windows, progress per window, cancel checked between windows, maps on the input grid."""
-
-    def __init__(self, device: str = "cpu", windows: int = 6, delay: float = 0.0, fail_with=None):
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool3d(1),
-            torch.nn.Flatten(), torch.nn.Linear(4, 4),
-        ).eval()
-        self.attention = torch.nn.Conv3d(1, 1, 3, padding=1).eval()
-        self.device = torch.device(device) if device == "cpu" else device  # "cuda" only as a label here
-        self.windows, self.delay, self.fail_with = windows, delay, fail_with
-        self.class_names = sorted(CLASS_LABELS)
-        self.calls = 0
-
-    def classify(self, volume, record, lesion=None, heatmap="attention", threshold=0.5, progress=None, cancel=None):
-        self.calls += 1
-        if self.fail_with is not None:
-            raise self.fail_with
-        slabs = np.array_split(np.arange(volume.shape[0]), self.windows)
-        best = np.zeros(len(self.class_names))
-        heat = np.zeros(volume.shape, np.float32)
-        for n, ks in enumerate(slabs):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            time.sleep(self.delay)
-            x = torch.from_numpy((np.asarray(volume.array[ks], np.float32) + 1000) / 1400)[None, None]
-            with torch.no_grad():
-                best = np.maximum(best, torch.softmax(self.net(x), 1)[0].numpy())
-                heat[ks] = torch.sigmoid(self.attention(x))[0, 0].numpy()
-            if progress is not None:
-                progress(n + 1, len(slabs))
-        probs = best / best.sum()
-        index = int(np.argmax(probs))
-        heat = (heat - heat.min()) / max(float(np.ptp(heat)), 1e-6)
-        label_value = CLASS_LABELS[self.class_names[index]][0]
-        return Classification(
-            class_names=self.class_names,
-            class_labels=[CLASS_LABELS[c][1] for c in self.class_names],
-            probabilities=probs,
-            predicted_index=index,
-            threshold=threshold,
-            windows=[],
-            heatmap=None if heatmap is None else volume.with_array(heat),
-            labelmap=None if heatmap is None else volume.with_array(np.where(heat >= threshold, label_value, 0).astype(np.uint8)),
-            label_value=label_value,
-            timings={},
-            model={"model_name": "stand-in", "demo": True},
-        )
-
-
-def real_predictor_available() -> bool:
-    try:
-        from MMCAFNetLib.inference import Predictor  # noqa: F401
-        from MMCAFNetLib.synthetic import make_case  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 @pytest.fixture(scope="module")
 def test_checkpoint(tmp_path_factory):
     """A small real mmcafnet-lite checkpoint (random weights, fitted default schema, small windows)."""
-    if not real_predictor_available():
-        return None
     import pandas as pd
 
     from MMCAFNetLib import checkpoint as ck
@@ -112,39 +51,13 @@ def test_checkpoint(tmp_path_factory):
     return ck.save_checkpoint(payload, tmp_path_factory.mktemp("ckpt") / "test.pt")
 
 
-@pytest.fixture
-def classifier_kind(test_checkpoint):
-    return "predictor" if test_checkpoint is not None else "stand-in"
-
-
-def make_logic(test_checkpoint, **stand_in):
-    """A logic whose loader gives the real Predictor (when it can run) or the torch stand-in."""
-    if test_checkpoint is not None and not stand_in:
-        return sl.ClassificationLogic(), sl.ClassificationOptions(model_path=str(test_checkpoint), device="cpu")
-    instances = {}
-
-    def loader(path, device):
-        instances[device] = TorchStandIn(device=device, **stand_in.get(device, stand_in.get("any", {})))
-        return instances[device]
-
-    logic = sl.ClassificationLogic(loader=loader)
-    logic.instances = instances
-    return logic, sl.ClassificationOptions(model_path="stand-in.pt", device="cpu")
-
-
 def add_case_ct(scene, seed: int = 0, name: str = "CT"):
-    """The synthetic phantom CT when available, else a noisy body-like block."""
-    try:
-        from MMCAFNetLib.synthetic import make_case
+    """A synthetic phantom CT in the scene, with its record and lesion centre."""
+    from MMCAFNetLib.synthetic import make_case
 
-        case = make_case("A", seed, size=48)
-        node = slicer.util.addVolumeFromArray(np.ascontiguousarray(case.volume.array), case.volume.ijk_to_ras, name)
-        return node, case.record, np.asarray(case.lesion_center_ras, dtype=float)
-    except ImportError:
-        rng = np.random.default_rng(seed)
-        array = rng.normal(-200, 300, size=(16, 48, 48)).astype(np.int16)
-        node = slicer.util.addVolumeFromArray(array, np.diag([-1.5, -1.5, 2.5, 1.0]), name)
-        return node, {"sex": "M", "age": 63}, None
+    case = make_case("A", seed, size=48)
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(case.volume.array), case.volume.ijk_to_ras, name)
+    return node, case.record, np.asarray(case.lesion_center_ras, dtype=float)
 
 
 def count(scene) -> int:
@@ -163,43 +76,103 @@ def drive(job, timeout: float = 120.0) -> list[float]:
     return seen
 
 
-def test_job_runs_on_a_worker_thread_and_reaches_100_percent(mrml_scene, test_checkpoint, classifier_kind):
-    logic, options = make_logic(test_checkpoint)
+def standin_logic(tmp_path, name: str = "standin", **behaviour):
+    """A logic whose worker builds the torch stand-in; its "checkpoint" says how it behaves."""
+    pythonpath = os.pathsep.join(p for p in (TESTING_DIR, os.environ.get("PYTHONPATH", "")) if p)
+    worker = WorkerProcess(loader=LOADER, env={"PYTHONPATH": pythonpath})
+    model = write_config(tmp_path / f"{name}.json", **behaviour)
+    return sl.ClassificationLogic(worker), sl.ClassificationOptions(model_path=model, device="cpu")
+
+
+def loads(options) -> list[str]:
+    """The devices the stand-in worker loaded this model for, in order."""
+    path = os.path.splitext(options.model_path)[0] + ".loads"
+    return open(path, encoding="utf-8").read().split() if os.path.exists(path) else []
+
+
+@pytest.fixture
+def logics():
+    """Every logic a test makes is closed afterwards, so no worker outlives its test."""
+    made = []
+    yield made
+    for logic in made:
+        logic.worker.close()
+
+
+def test_job_runs_in_a_worker_process_and_reaches_100_percent(mrml_scene, test_checkpoint, logics):
+    logic = sl.ClassificationLogic()
+    logics.append(logic)
+    options = sl.ClassificationOptions(model_path=str(test_checkpoint), device="cpu")
     ct, record, centre = add_case_ct(mrml_scene)
     fid = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
-    if centre is not None:
-        fid.AddControlPoint(*centre)
+    fid.AddControlPoint(*centre)
     before = count(mrml_scene)
-    main = threading.current_thread()
-    job = logic.start(ct, record, fid if centre is not None else None, options)
-    assert job._thread is not main and job.running
+    job = logic.start(ct, record, fid, options)
+    assert logic.worker.alive and logic.worker.pid != os.getpid()
+    folder = logic.worker.job_folder(job.id)
+    assert folder.is_dir() and job.running
     seen = drive(job)
     assert job.error is None, job.error
-    assert seen[-1] == 1.0 and job.percent == 100
+    assert seen[-1] == 1.0 and job.percent == 100 and job.status == "Done"
     assert all(b >= a for a, b in zip(seen, seen[1:])), "progress went backwards"
     assert job.done and not logic.busy
+    assert not folder.exists(), "the job's temporary files were left behind"
     assert job.outputs is not None and count(mrml_scene) > before
     table = job.outputs.table.GetTable()
     assert table.GetNumberOfRows() == len(job.result.class_names)
     assert np.isclose(sum(table.GetValue(r, 2).ToDouble() for r in range(table.GetNumberOfRows())), 1.0)
     assert "%" in sl.result_summary(job.result) and "DEMO" in sl.result_summary(job.result)
+    session = logic.worker.session
+    logic.worker.close()
+    assert not logic.worker.alive and not session.exists(), "the worker's session folder outlived it"
 
 
-def test_cancel_leaves_the_scene_unchanged(mrml_scene, test_checkpoint):
-    logic, options = make_logic(test_checkpoint) if test_checkpoint else make_logic(None, any={"delay": 0.05})
+def test_cancel_stops_the_job_leaves_the_scene_unchanged_and_keeps_the_worker(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, windows=40, delay=0.1)
+    logics.append(logic)
     ct, record, _ = add_case_ct(mrml_scene)
     before = count(mrml_scene)
     job = logic.start(ct, record, None, options)
+    end = time.monotonic() + 60
+    while job.progress == 0:  # cancel while it is really classifying
+        job.poll()
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    pid = logic.worker.pid
     job.cancel()
-    drive(job)
+    drive(job, timeout=sl.STOP_GRACE_S - 0.5)  # the worker stopped by itself, before the grace ran out
     assert job.cancelled and job.result is None and job.outputs is None and job.error is None
-    assert count(mrml_scene) == before
-    assert mscene.find_outputs(ct) == []
+    assert count(mrml_scene) == before and mscene.find_outputs(ct) == []
     assert job.finish() is None  # finishing a cancelled job is quiet
+    assert logic.worker.alive and logic.worker.pid == pid, "a cancel the worker obeyed must not cost the worker"
+    options.model_path = write_config(tmp_path / "quick.json", windows=2)
+    assert logic.classify(ct, record, None, options)[1] is not None
 
 
-def test_a_second_concurrent_job_is_refused(mrml_scene):
-    logic, options = make_logic(None, any={"delay": 0.2, "windows": 20})
+def test_a_worker_deaf_to_cancel_is_killed_and_the_next_job_gets_a_fresh_one(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, ignore_cancel=True)
+    logics.append(logic)
+    ct, record, _ = add_case_ct(mrml_scene)
+    before = count(mrml_scene)
+    job = logic.start(ct, record, None, options)
+    end = time.monotonic() + 60
+    while not loads(options):  # the stand-in is loaded and stuck in C
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    job.cancel()
+    started = time.monotonic()
+    drive(job, timeout=sl.STOP_GRACE_S + 10)
+    assert time.monotonic() - started >= sl.STOP_GRACE_S - 0.2
+    assert job.cancelled and job.error is None and count(mrml_scene) == before
+    assert not logic.worker.alive and logic.worker.session is None
+    options.model_path = write_config(tmp_path / "quick.json", windows=2)
+    assert logic.classify(ct, record, None, options)[1] is not None
+    assert logic.worker.starts == 2
+
+
+def test_a_second_concurrent_job_is_refused(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, windows=20, delay=0.2)
+    logics.append(logic)
     ct, record, _ = add_case_ct(mrml_scene)
     first = logic.start(ct, record, None, options)
     with pytest.raises(sl.JobBusyError, match="already running"):
@@ -211,69 +184,110 @@ def test_a_second_concurrent_job_is_refused(mrml_scene):
     drive(second)
 
 
-def test_a_failing_classification_leaves_the_scene_as_it_was(mrml_scene):
-    logic, options = make_logic(None, any={"fail_with": ValueError("the CT has no body tissue")})
+def test_a_failing_classification_leaves_the_scene_as_it_was(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, fail_on={"cpu": "the CT has no body tissue"})
+    logics.append(logic)
     ct, record, _ = add_case_ct(mrml_scene)
     before = count(mrml_scene)
     job = logic.start(ct, record, None, options)
     with pytest.raises(ValueError, match="no body tissue"):
-        job.finish(timeout=30)
+        job.finish(timeout=60)
     assert job.done and count(mrml_scene) == before and not logic.busy
+    assert logic.worker.alive  # a refused input is no reason to restart
 
 
-def test_ct_deleted_while_classifying_is_reported_not_written(mrml_scene):
-    logic, options = make_logic(None, any={"delay": 0.05})
+def test_a_worker_killed_mid_job_gives_a_clear_message_and_the_next_apply_works(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, windows=6, die_at=2)
+    logics.append(logic)
+    ct, record, _ = add_case_ct(mrml_scene)
+    before = count(mrml_scene)
+    job = logic.start(ct, record, None, options)
+    with pytest.raises(WorkerError, match=r"worker stopped while classifying: it was killed .*SIGKILL.*memory") as info:
+        job.finish(timeout=60)
+    assert "next Apply starts a fresh one" in str(info.value)
+    assert count(mrml_scene) == before and not logic.busy
+    options.model_path = write_config(tmp_path / "healthy.json", windows=2)
+    _, outputs = logic.classify(ct, record, None, options)
+    assert outputs is not None and logic.worker.starts == 2
+
+
+def test_a_worker_that_cannot_start_says_why(mrml_scene, tmp_path, logics):
+    ct, record, _ = add_case_ct(mrml_scene)
+    logic = sl.ClassificationLogic(WorkerProcess(python=str(tmp_path / "no-python")))
+    logics.append(logic)
+    with pytest.raises(WorkerError, match=r"could not be started with .*no-python"):
+        logic.start(ct, record, None, sl.ClassificationOptions(device="cpu"))
+    assert not logic.busy
+    # a Python that starts but cannot import what the worker needs: its own error is shown
+    logic = sl.ClassificationLogic(WorkerProcess(loader="no_such_module_here:load"))
+    logics.append(logic)
+    with pytest.raises(WorkerError, match="No module named 'no_such_module_here'"):
+        logic.start(ct, record, None, sl.ClassificationOptions(device="cpu")).finish(timeout=60)
+
+
+def test_ct_deleted_while_classifying_is_reported_not_written(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, delay=0.05)
+    logics.append(logic)
     ct, record, _ = add_case_ct(mrml_scene)
     job = logic.start(ct, record, None, options)
     mrml_scene.RemoveNode(ct)
     before = count(mrml_scene)
-    job.wait(30)
+    assert job.wait(60)
     assert job.poll()
     assert isinstance(job.error, mscene.SceneError) and count(mrml_scene) == before
 
 
-def test_cuda_out_of_memory_falls_back_to_cpu_with_a_message(mrml_scene):
-    # No GPU here: the stand-in labelled "cuda" raises torch's real OutOfMemoryError type.
-    logic, options = make_logic(None, cuda={"fail_with": torch.cuda.OutOfMemoryError("CUDA out of memory.")}, cpu={})
+def test_cuda_out_of_memory_falls_back_to_cpu_with_a_message(mrml_scene, tmp_path, logics):
+    # No GPU here: the stand-in labelled "cuda" raises torch's real OutOfMemoryError type in the worker.
+    logic, options = standin_logic(tmp_path, fail_on={"cuda": "oom"})
+    logics.append(logic)
     options.device = "cuda"
     ct, record, _ = add_case_ct(mrml_scene)
     job = logic.start(ct, record, None, options)
     outputs = job.finish(timeout=60)
-    assert outputs is not None and job.result is not None
+    assert outputs is not None and job.result is not None and job.result.model["device"] == "cpu"
     assert any("CPU" in m for m in job.messages)
-    assert logic.instances["cuda"].calls == 1 and logic.instances["cpu"].calls == 1
+    assert loads(options) == ["cuda", "cpu"]
     # a CPU failure that is not an OOM is not retried
-    logic, options = make_logic(None, any={"fail_with": RuntimeError("shape mismatch")})
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        logic.start(ct, record, None, options).finish(timeout=30)
+    logic, options = standin_logic(tmp_path, name="broken", fail_on={"cpu": "shape mismatch"})
+    logics.append(logic)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        logic.start(ct, record, None, options).finish(timeout=60)
+    assert loads(options) == ["cpu"]
 
 
-def test_predictor_is_loaded_once_and_reruns_replace_outputs(mrml_scene, test_checkpoint):
-    loads = []
-    if test_checkpoint is not None:
-        def loader(path, device):
-            loads.append((path, device))
-            return sl.default_loader(path, device)
-
-        logic = sl.ClassificationLogic(loader=loader)
-        options = sl.ClassificationOptions(model_path=str(test_checkpoint), device="cpu", heatmap="attention")
-    else:
-        def loader(path, device):
-            loads.append((path, device))
-            return TorchStandIn(device)
-
-        logic = sl.ClassificationLogic(loader=loader)
-        options = sl.ClassificationOptions(model_path="stand-in.pt", device="cpu")
+def test_the_model_is_loaded_once_reloaded_when_its_file_changes(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, windows=2)
+    logics.append(logic)
     ct, record, centre = add_case_ct(mrml_scene)
     logic.classify(ct, record, centre, options)
     n = count(mrml_scene)
     _, outputs = logic.classify(ct, record, centre, options)
-    assert count(mrml_scene) == n and len(loads) == 1
+    assert count(mrml_scene) == n and loads(options) == ["cpu"]
+    assert np.allclose(mscene.node_ijk_to_ras(outputs.heatmap), mscene.node_ijk_to_ras(ct))
+    write_config(options.model_path, windows=3)  # a new file under the same name
+    os.utime(options.model_path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    logic.classify(ct, record, centre, options)
+    assert loads(options) == ["cpu", "cpu"]
+
+
+def test_the_real_predictor_reruns_replace_outputs(mrml_scene, test_checkpoint, logics):
+    logic = sl.ClassificationLogic()
+    logics.append(logic)
+    options = sl.ClassificationOptions(model_path=str(test_checkpoint), device="cpu", heatmap="attention")
+    ct, record, centre = add_case_ct(mrml_scene)
+    first, _ = logic.classify(ct, record, centre, options)
+    n = count(mrml_scene)
+    second, outputs = logic.classify(ct, record, centre, options)
+    assert count(mrml_scene) == n
+    assert np.allclose(first.probabilities, second.probabilities)
     assert np.allclose(mscene.node_ijk_to_ras(outputs.heatmap), mscene.node_ijk_to_ras(ct))
 
 
-def test_batch_over_volume_nodes(mrml_scene):
-    logic, options = make_logic(None)
+def test_batch_over_volume_nodes(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, windows=2)
+    logics.append(logic)
+    options.show = False
     cts = [add_case_ct(mrml_scene, seed=s, name=f"CT {s}")[0] for s in range(3)]
     written = logic.classify_volume_nodes(cts, options=options)
     assert set(written) == {ct.GetID() for ct in cts}
@@ -281,6 +295,7 @@ def test_batch_over_volume_nodes(mrml_scene):
         assert isinstance(written[ct.GetID()], mscene.SceneOutputs)
         assert len(mscene.find_outputs(ct)) == 4
     assert set(mscene.ct_volume_nodes(mrml_scene)) == set(cts)  # outputs are not offered as inputs
+    assert loads(options) == ["cpu"]
 
 
 def test_options_and_records_are_checked():
