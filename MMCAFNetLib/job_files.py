@@ -91,6 +91,20 @@ def write_request(folder: Path, volume: Volume, record: dict[str, Any], lesion: 
     _write_json(folder / REQUEST_FILE, {"job": folder.name})
 
 
+def write_load_request(folder: Path, options: dict[str, Any]) -> None:
+    """A job that only loads the model named in ``options`` (so that the first Apply finds it loaded)."""
+    _write_json(Path(folder) / "inputs.json", {"options": options, "load_only": True})
+    _write_json(Path(folder) / REQUEST_FILE, {"job": Path(folder).name})
+
+
+def is_load_request(folder: Path) -> bool:
+    return bool(_read_json(Path(folder) / "inputs.json").get("load_only"))
+
+
+def read_options(folder: Path) -> dict[str, Any]:
+    return dict(_read_json(Path(folder) / "inputs.json").get("options") or {})
+
+
 def read_request(folder: Path) -> tuple[Volume, dict[str, Any], Any, dict[str, Any]]:
     """(volume, record, lesion, options) of a job written by :func:`write_request`."""
     folder = Path(folder)

@@ -12,6 +12,7 @@ failed job writes nothing; a finished one replaces the CT's earlier outputs in o
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,7 @@ class ClassificationLogic:
     def __init__(self, worker: Optional[WorkerProcess] = None) -> None:
         self.worker = worker or WorkerProcess()
         self._job: Optional[ClassificationJob] = None
+        self._start_lock = threading.Lock()
 
     # -- models ---------------------------------------------------------------------------------
     @staticmethod
@@ -208,6 +210,11 @@ class ClassificationLogic:
         from MMCAFNetLib.resources import demo_checkpoint_path
 
         return str(demo_checkpoint_path())
+
+    def warm_up(self, model_path: Optional[str] = None, device: str = "auto") -> None:
+        """Start the worker and load the model now, so that the first Apply does not wait for it."""
+        if not self.busy:
+            self.worker.preload({"model_path": self.resolve_model_path(model_path), "device": device})
 
     def clear_cache(self) -> None:
         """Stop the worker, which frees every model it holds (the next job starts a fresh one)."""
@@ -236,20 +243,23 @@ class ClassificationLogic:
         ``lesion`` is a markups point / ROI / segmentation node, or already plain data (point,
         box, mask Volume), or None. Raises JobBusyError while another job runs.
         """
-        if self.busy:
-            raise JobBusyError("a classification is already running; wait for it or press Cancel before starting another")
-        options = options or ClassificationOptions()
-        volume = scene.volume_from_node(ct_node)
-        if lesion is not None and hasattr(lesion, "IsA"):
-            lesion = scene.lesion_from_node(lesion, ct_node)
-        job = ClassificationJob(self, self.worker, ct_node, options)
-        request = {
-            "model_path": self.resolve_model_path(options.model_path), "device": options.device,
-            "heatmap": options.heatmap, "threshold": float(options.threshold),
-        }
-        job.id = self.worker.submit(volume, clean_record(record or {}), lesion, request)
-        self._job = job
-        return job
+        with self._start_lock:  # two starts at once (console scripts): one runs, the other is refused
+            if self.busy:
+                raise JobBusyError(
+                    "a classification is already running; wait for it or press Cancel before starting another"
+                )
+            options = options or ClassificationOptions()
+            volume = scene.volume_from_node(ct_node)
+            if lesion is not None and hasattr(lesion, "IsA"):
+                lesion = scene.lesion_from_node(lesion, ct_node)
+            job = ClassificationJob(self, self.worker, ct_node, options)
+            request = {
+                "model_path": self.resolve_model_path(options.model_path), "device": options.device,
+                "heatmap": options.heatmap, "threshold": float(options.threshold),
+            }
+            job.id = self.worker.submit(volume, clean_record(record or {}), lesion, request)
+            self._job = job
+            return job
 
     def _job_over(self, job: ClassificationJob) -> None:
         if self._job is job:

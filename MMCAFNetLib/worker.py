@@ -6,7 +6,8 @@ emulation). A process also gives a hard Cancel and keeps a CUDA fault or an out-
 from Slicer. Started by :class:`MMCAFNetLib.worker_client.WorkerProcess` (Slicer's ``PythonSlicer``,
 or ``sys.executable`` outside Slicer), it talks through files in the session folder it is given:
 
-- it polls ``jobs/<id>/request.json`` (see :mod:`MMCAFNetLib.job_files`) and handles one job at a time;
+- it polls ``jobs/<id>/request.json`` (see :mod:`MMCAFNetLib.job_files`) and handles one job at a
+  time: a classification, or only loading a model ahead of the first one;
 - it appends one JSON object per line to ``events.jsonl``: ``ready``, ``loading``, ``progress``,
   ``message``, then one of ``done``, ``cancelled`` or ``error`` per job;
 - a ``cancel`` file in a job's folder stops that job at the next window;
@@ -22,6 +23,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -157,14 +159,19 @@ class Worker:
 
     # -- one job --------------------------------------------------------------------------------
     def handle(self, folder: Path) -> None:
-        from MMCAFNetLib.job_files import read_request, write_result
+        from MMCAFNetLib.job_files import is_load_request, read_options, read_request, write_result
         from MMCAFNetLib.results import Cancelled
 
         job = folder.name
         try:
-            volume, record, lesion, options = read_request(folder)
-            result = self.classify(job, folder, volume, record, lesion, options)
-            write_result(folder, result)
+            if is_load_request(folder):
+                options = read_options(folder)
+                shutil.rmtree(folder, ignore_errors=True)  # nobody reads a result from it
+                self.predictor(job, str(options["model_path"]), str(options.get("device", "auto")))
+            else:
+                volume, record, lesion, options = read_request(folder)
+                result = self.classify(job, folder, volume, record, lesion, options)
+                write_result(folder, result)
         except Cancelled:
             self.emit("cancelled", job=job)
         except MemoryError as exc:

@@ -160,18 +160,27 @@ class WorkerProcess:
     # -- jobs -----------------------------------------------------------------------------------
     def submit(self, volume: Volume, record: dict[str, Any], lesion: Any, options: dict[str, Any]) -> str:
         """Hand one job to the worker (starting it if needed); returns the job's id."""
-        self.ensure_started()
-        assert self.session is not None
-        self._sequence += 1
-        job = f"{self._sequence:06d}"
-        folder = self.session / JOBS_DIR / job
-        folder.mkdir()
+        folder = self._new_job_folder()
         try:
             job_files.write_request(folder, volume, record, lesion, options)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return job
+        return folder.name
+
+    def preload(self, options: dict[str, Any]) -> str:
+        """Start the worker and have it load the model in ``options`` now, ahead of the first job."""
+        folder = self._new_job_folder()
+        job_files.write_load_request(folder, options)
+        return folder.name
+
+    def _new_job_folder(self) -> Path:
+        self.ensure_started()
+        assert self.session is not None
+        self._sequence += 1
+        folder = self.session / JOBS_DIR / f"{self._sequence:06d}"
+        folder.mkdir()
+        return folder
 
     def job_folder(self, job: str) -> Path:
         if self.session is None:

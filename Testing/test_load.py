@@ -169,13 +169,14 @@ def _drive(job, timeout: float = 120.0) -> None:
 
 
 @pytest.mark.scene
-def test_two_jobs_started_at_once_run_one_at_a_time(mrml_scene, lite_checkpoint: Path) -> None:
+def test_two_jobs_started_at_once_run_one_at_a_time(mrml_scene, lite_checkpoint: Path, request) -> None:
     from MMCAFNetLib import slicer_logic as sl
 
     logic = sl.ClassificationLogic()
+    request.addfinalizer(logic.worker.close)
     options = sl.ClassificationOptions(model_path=str(lite_checkpoint), device="cpu", heatmap="attention")
     node, _ = _scene_ct(mrml_scene)
-    logic.predictor(str(lite_checkpoint), "cpu")  # loaded once, as after the first Apply
+    logic.warm_up(str(lite_checkpoint), "cpu")  # the worker loads the model, as after the first Apply
     barrier = threading.Barrier(2)
     outcomes: list = []
 
@@ -205,13 +206,14 @@ def test_two_jobs_started_at_once_run_one_at_a_time(mrml_scene, lite_checkpoint:
 
 @pytest.mark.scene
 @pytest.mark.parametrize("moment", ["at-start", "after-first-window", "random", "after-worker-before-poll"])
-def test_cancel_at_any_moment_leaves_the_scene_as_it_was(mrml_scene, lite_checkpoint: Path, moment: str) -> None:
+def test_cancel_at_any_moment_leaves_the_scene_as_it_was(mrml_scene, lite_checkpoint: Path, moment: str, request) -> None:
     from MMCAFNetLib import slicer_logic as sl
 
     logic = sl.ClassificationLogic()
+    request.addfinalizer(logic.worker.close)
     options = sl.ClassificationOptions(model_path=str(lite_checkpoint), device="cpu", heatmap="attention")
     node, _ = _scene_ct(mrml_scene)
-    logic.predictor(str(lite_checkpoint), "cpu")
+    logic.warm_up(str(lite_checkpoint), "cpu")
     nodes_before, hash_before = mrml_scene.GetNumberOfNodes(), _input_hash(node)
     job = logic.start(node, RECORD, None, options)
     if moment == "at-start":

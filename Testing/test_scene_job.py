@@ -322,3 +322,18 @@ def test_form_fields_follow_the_schema_and_allow_unknown():
             # every offered value is accepted by the schema itself
             for value, _ in f.choices[1:]:
                 schema.validate_record({f.name: value})
+
+
+def test_warm_up_loads_the_model_before_the_first_apply(mrml_scene, tmp_path, logics):
+    logic, options = standin_logic(tmp_path, windows=2)
+    logics.append(logic)
+    logic.warm_up(options.model_path, "cpu")
+    end = time.monotonic() + 60
+    while loads(options) != ["cpu"]:
+        assert time.monotonic() < end, "warm_up did not load the model"
+        time.sleep(0.05)
+    ct, record, _ = add_case_ct(mrml_scene)
+    job = logic.start(ct, record, None, options)
+    drive(job)
+    assert job.error is None and job.status == "Done" and loads(options) == ["cpu"]
+    assert sorted(p.name for p in (logic.worker.session / "jobs").iterdir()) == [], "job folders were left behind"

@@ -24,6 +24,7 @@ import threading
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from archive_support import make_zip
@@ -84,11 +85,23 @@ def test_the_predictor_refuses_it_without_running_it(evil) -> None:
     assert not marker.exists()
 
 
-def test_the_slicer_logic_refuses_it_without_running_it(evil) -> None:
-    slicer_logic = pytest.importorskip("MMCAFNetLib.slicer_logic", reason="the Slicer logic has not landed")
+def test_the_slicer_worker_refuses_it_without_running_it(evil) -> None:
+    """Slicer's classification worker process loads the checkpoint: it refuses it as bad input."""
+    from MMCAFNetLib.volume import Volume
+    from MMCAFNetLib.worker_client import WorkerProcess, wait_for
+
     path, marker = evil
-    with pytest.raises(ValueError):
-        slicer_logic.ClassificationLogic().predictor(str(path), "cpu")
+    worker = WorkerProcess()
+    try:
+        ct = Volume.from_geometry(np.full((8, 16, 16), -800, np.int16), (1.0, 1.0, 2.0))
+        job = worker.submit(ct, {}, None, {"model_path": str(path), "device": "cpu", "heatmap": "none", "threshold": 0.5})
+        events: list = []
+        assert wait_for(lambda: events.extend(worker.read_events()) or any(e.get("job") == job and e["event"] in ("done", "error") for e in events), 120)
+        outcome = next(e for e in events if e["event"] in ("done", "error"))
+        assert outcome["event"] == "error" and outcome["kind"] == "input", outcome
+        assert "could run code" in outcome["message"]
+    finally:
+        worker.close()
     assert not marker.exists()
 
 
