@@ -50,3 +50,23 @@ def test_quick_w1_w4_run_writes_json(tmp_path):
     w4 = {r["variant"] for r in rows if r["workload"] == "W4"}
     assert {"read_volume", "heatmap_volume + labelmap"} <= w4
     assert "plain eager fp32" in proc.stdout  # the table is printed
+
+
+@pytest.mark.slow
+@pytest.mark.scene
+def test_quick_w7_measures_the_slicer_job_api_next_to_the_direct_predictor(tmp_path):
+    pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "W7", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        "plain: Predictor in this process", "Predictor + scene outputs in this process",
+        "job API, warm worker", "job API, cold worker (start, imports, model load)",
+    }
+    cold, warm = rows["job API, cold worker (start, imports, model load)"], rows["job API, warm worker"]
+    assert warm["median_s"] < cold["median_s"], "a warm worker was as slow as a cold one: the model is not kept"
+    assert rows["plain: Predictor in this process"]["speedup_vs_plain"] == pytest.approx(1.0)

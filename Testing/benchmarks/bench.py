@@ -12,6 +12,8 @@ Workloads (see docs/performance.md):
   W4  reading a 300-slice DICOM series, resampling to the model's spacing, the heatmap back
   W5  training step throughput (windows/s) at batch 4, and the cached data loader's throughput
   W6  W1-W3 and W5 on CUDA with bf16 (batch 1 and 16), where a CUDA device exists
+  W7  Slicer's Apply to outputs through the job API and its worker process (cold and warm), next to
+      the Predictor called directly and the Predictor plus writing the scene, on slicer-core's scene
 
 Each workload runs in its own Python process (so one workload's memory does not inflate the
 next one's peak), its variants interleaved round-robin after a warm-up; the figure reported is
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
-ALL = ("W1", "W2", "W3", "W4", "W5", "W6")
+ALL = ("W1", "W2", "W3", "W4", "W5", "W6", "W7")
 
 
 def _parse_only(text: Optional[str]) -> List[str]:

@@ -1,4 +1,4 @@
-"""The benchmark's workloads W1-W6. Each returns a list of result rows (plain dicts).
+"""The benchmark's workloads W1-W7 (W7, the Slicer job API, is in workload_slicer.py); each returns result rows.
 
 Every workload builds its own inputs (random weights, a phantom CT, a DICOM series written with
 pydicom): timings do not depend on trained weights, and nothing outside the repository is needed.
@@ -690,6 +690,15 @@ WORKLOADS: Dict[str, Callable[..., List[Row]]] = {
     "W5": w5_train,
     "W6": w6_cuda,
 }
+
+
+def _w7(cfg: Dict[str, Any]) -> List[Row]:
+    from workload_slicer import w7_slicer
+
+    return w7_slicer(cfg)
+
+
+WORKLOADS["W7"] = _w7
 
 
 def run_workload(key: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
