@@ -27,6 +27,9 @@ test value beyond the training range lands on the edge of the KAN grid instead o
 
 The histopathological grading is read for reporting only and is never a field: whether it is
 filled almost gives the class away.
+
+pandas is imported only where a sheet is read: Slicer's clinical form uses the schema before the
+module's first Apply has installed pandas.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import unicodedata
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 KINDS = ("binary", "categorical", "ordinal", "continuous")
 SCHEMA_FORMAT = "mmcafnet-clinical-schema"
@@ -79,7 +85,8 @@ def _is_missing(value: Any) -> bool:
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
-    if value is pd.NA or value is pd.NaT:
+    pd = sys.modules.get("pandas")  # a pandas value can only exist once pandas is imported
+    if pd is not None and (value is pd.NA or value is pd.NaT):
         return True
     if isinstance(value, np.floating) and np.isnan(value):
         return True
@@ -446,7 +453,8 @@ class ClinicalSchema:
 
     # -- records ---------------------------------------------------------------------------------
     def _rows(self, records: Any) -> list[Mapping[str, Any]]:
-        if isinstance(records, pd.DataFrame):
+        pd = sys.modules.get("pandas")  # a DataFrame can only exist once pandas is imported
+        if pd is not None and isinstance(records, pd.DataFrame):
             return records.to_dict(orient="records")
         if isinstance(records, Mapping):
             return [records]
@@ -561,6 +569,8 @@ def read_clinical_sheet(
     with ``strict=False`` also becomes unknown with a warning (so one typo does not stop indexing).
     The warnings are also listed in ``df.attrs["warnings"]``.
     """
+    import pandas as pd
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"clinical sheet not found: {path}")

@@ -49,7 +49,8 @@ class ModelEntry:
     description: str = ""
     source: str = "catalog"  # "catalog" | "user"
     extra: dict[str, Any] = field(default_factory=dict)
-    #: the checkpoint's whole clinical schema (user models: read when the model was added)
+    #: the checkpoint's whole clinical schema (catalog: Models.json; user models: their sidecar), so the
+    #: Slicer form is built without reading the checkpoint, i.e. before torch is installed
     schema_spec: Optional[dict[str, Any]] = None
 
     @property
@@ -57,7 +58,7 @@ class ModelEntry:
         return self.url is not None and self.file is None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if v is not None and k not in ("source", "extra", "schema_spec")}
+        data = {k: v for k, v in asdict(self).items() if v is not None and k not in ("source", "extra")}
         data.update(self.extra)
         return data
 
@@ -83,7 +84,13 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> ModelEntry:
         raise CatalogError(f"{where}: model {data['id']!r} url must start with https://")
     if not isinstance(data["classes"], list) or not data["classes"]:
         raise CatalogError(f"{where}: model {data['id']!r} must list its classes")
-    known = set(_REQUIRED) | {"file", "url", "description"}
+    spec = data.get("schema_spec")
+    if spec is not None and _spec_field_names(spec) != [str(f) for f in data["schema"]]:
+        raise CatalogError(
+            f"{where}: model {data['id']!r} schema_spec must be a clinical schema whose fields are exactly "
+            f"its 'schema' list {data['schema']}"
+        )
+    known = set(_REQUIRED) | {"file", "url", "description", "schema_spec"}
     return ModelEntry(
         id=str(data["id"]),
         title=str(data["title"]),
@@ -97,7 +104,16 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> ModelEntry:
         url=data.get("url"),
         description=str(data.get("description", "")),
         extra={k: v for k, v in data.items() if k not in known},
+        schema_spec=spec,
     )
+
+
+def _spec_field_names(spec: Any) -> Optional[list[str]]:
+    """Field names of a clinical schema dict, or None when it is not one."""
+    fields = spec.get("fields") if isinstance(spec, dict) else None
+    if not isinstance(fields, list) or not all(isinstance(f, dict) for f in fields):
+        return None
+    return [str(f.get("name", "")) for f in fields]
 
 
 def catalog_path() -> Path:
@@ -430,8 +446,43 @@ def clear_models_folder(models_dir: str | os.PathLike | None = None) -> int:
     return removed
 
 
+class ModelFolder:
+    """The catalog plus one user models folder: what the Slicer panel lists, adds, downloads and clears."""
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        self.folder = _models_dir(folder)
+
+    def entries(self) -> list[ModelEntry]:
+        return list_models(models_dir=self.folder)
+
+    def path(self, entry: ModelEntry) -> Path:
+        return model_path(entry, self.folder)
+
+    def add_file(self, path: str | os.PathLike) -> ModelEntry:
+        return add_model_from_file(path, self.folder)
+
+    def download(self, entry: ModelEntry) -> Path:
+        return download_model(entry, self.folder)
+
+    def clear(self) -> int:
+        return clear_models_folder(self.folder)
+
+    @staticmethod
+    def key(entry: ModelEntry) -> str:
+        """What a saved scene remembers: the catalog id, or a user model's file (ids may repeat there)."""
+        return entry.file if entry.source == "user" and entry.file else entry.id
+
+    @staticmethod
+    def index(entries: list[ModelEntry], key: str) -> Optional[int]:
+        """Position of the entry with this key (id or file) in ``entries``, or None."""
+        return next((i for i, e in enumerate(entries) if key in (e.id, e.file)), None)
+
+
 def refresh_bundled_checksums(catalog: str | os.PathLike | None = None) -> list[str]:
-    """Maintainer tool: write the sha256 of every bundled file present into the catalog."""
+    """Maintainer tool: write the sha256 and clinical schema of every bundled file present into the catalog.
+
+    Run after replacing a bundled checkpoint; the test suite fails while the two disagree.
+    """
     from MMCAFNetLib.resources import resources_dir
 
     path = Path(catalog) if catalog is not None else catalog_path()
@@ -439,9 +490,11 @@ def refresh_bundled_checksums(catalog: str | os.PathLike | None = None) -> list[
     changed = []
     for item in data.get("models", []):
         if "file" in item and (resources_dir() / item["file"]).is_file():
-            sha = sha256_file(resources_dir() / item["file"])
-            if item.get("sha256") != sha:
-                item["sha256"] = sha
+            facts = checkpoint_facts(resources_dir() / item["file"])
+            fresh = {"sha256": sha256_file(resources_dir() / item["file"]), "schema": facts["schema"],
+                     "schema_spec": facts["schema_spec"]}
+            if any(item.get(k) != v for k, v in fresh.items()):
+                item.update(fresh)
                 changed.append(item["id"])
     if changed:
         _write_json(path, data)

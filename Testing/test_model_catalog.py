@@ -49,6 +49,7 @@ def test_bundled_catalog_is_valid_and_names_a_demo_model():
     assert demo, "the catalog must bundle a demo model so the module works offline"
     for e in entries:
         assert e.licence and e.classes and e.schema
+        assert e.schema_spec is not None, f"{e.id}: the Slicer form needs its schema_spec before torch is installed"
     raw = json.loads((resources_dir() / "Models.json").read_text())
     assert [m["id"] for m in raw["models"]] == [e.id for e in entries]
 
@@ -76,10 +77,27 @@ def test_bundled_demo_checkpoint_agrees_with_its_catalog_entry():
     pytest.skip("no bundled model file is present yet")
 
 
+def test_catalog_schema_spec_is_the_bundled_checkpoints_own_schema():
+    """The Slicer form reads the catalog's copy (torch may not be installed yet); it must be the model's."""
+    checked = 0
+    for e in mc.load_catalog():
+        if e.file and (resources_dir() / e.file).is_file():
+            payload = torch.load(resources_dir() / e.file, map_location="cpu", weights_only=True)
+            assert e.schema_spec == json.loads(json.dumps(payload["schema"])), (
+                f"{e.id}: Models.json's schema_spec is not the checkpoint's; run mc.refresh_bundled_checksums()"
+            )
+            assert e.schema == [f["name"] for f in payload["schema"]["fields"]]
+            checked += 1
+    if not checked:
+        pytest.skip("no bundled model file is present yet")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"sha256": "abc"}, "sha256"),
+        ({"schema_spec": {"fields": [{"name": "age"}]}}, "schema_spec"),
+        ({"schema_spec": ["age"]}, "schema_spec"),
         ({"url": "https://example.org/m.pt"}, "exactly one"),
         ({"id": "../x"}, "model id"),
         ({"classes": []}, "classes"),
@@ -232,6 +250,8 @@ def test_refresh_bundled_checksums_writes_the_real_digest(tmp_path, monkeypatch)
     assert mc.refresh_bundled_checksums(catalog) == ["x"]
     entry = mc.load_catalog(catalog)[0]
     mc.verify_file(entry, ckpt)
+    assert entry.schema == ["sex", "age"] and entry.schema_spec == ck.load_checkpoint(ckpt)["schema"]
+    assert mc.refresh_bundled_checksums(catalog) == []  # nothing left to refresh
 
 
 def test_the_clinical_form_asks_for_the_models_own_schema(tmp_path):
