@@ -11,7 +11,8 @@ or ``sys.executable`` outside Slicer), it talks through files in the session fol
 - it appends one JSON object per line to ``events.jsonl``: ``ready``, ``loading``, ``progress``,
   ``message``, then one of ``done``, ``cancelled`` or ``error`` per job;
 - a ``cancel`` file in a job's folder stops that job at the next window;
-- it exits when ``quit`` appears, when the session folder goes, or when its parent (Slicer) is gone.
+- it exits when ``quit`` appears, when the session folder goes, or when its parent (Slicer) is gone,
+  and then removes the session folder itself, since nobody else will.
 
 Predictors are cached by (checkpoint file, its modification time and size, device), so a second
 job with the same model does not reload it.
@@ -147,7 +148,9 @@ class Worker:
         while not self.should_stop():
             if time.monotonic() - last_parent_check > PARENT_CHECK_S:
                 if not process_alive(self.parent_pid):
-                    return 0  # Slicer is gone: so are we
+                    self._events.close()  # Slicer is gone, and nobody else will remove our files
+                    shutil.rmtree(self.session, ignore_errors=True)
+                    return 0
                 last_parent_check = time.monotonic()
             folder = self.next_job()
             if folder is None:

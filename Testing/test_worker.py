@@ -154,6 +154,7 @@ def test_the_worker_ends_when_its_parent_is_killed(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         assert wait_for(lambda: not process_alive(worker_pid) or _zombie(worker_pid), 10), "the worker outlived its parent"
+        assert wait_for(lambda: not Path(session).exists(), 5), "the worker left its session folder behind"
     finally:
         process.kill()
 
