@@ -452,8 +452,11 @@ def _write_segmentation(scene: Any, ct_node: Any, labelmap_node: Any, result: Cl
 
     node = _new_output(scene, "vtkMRMLSegmentationNode", f"{base} MMCAFNet region", "segmentation", ct_node)
     node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    # Under the CT's transform first: the reference geometry is stored in the segmentation's own
+    # coordinates, so set the other way round it would hold the CT's transform twice. Slicer's DICOM
+    # SEG export writes the segments on this geometry (the CT's grid).
     node.SetAndObserveTransformNodeID(ct_node.GetTransformNodeID())
+    node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
     segmentation = node.GetSegmentation()
     logic = slicer.modules.segmentations.logic()
     if np.any(slicer.util.arrayFromVolume(labelmap_node)) and not logic.ImportLabelmapToSegmentationNode(

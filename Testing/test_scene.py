@@ -181,6 +181,30 @@ def test_outputs_have_the_ct_geometry_and_the_predicted_class(mrml_scene, obliqu
     assert node_hash(ct) == ct_hash
 
 
+@pytest.mark.parametrize("oblique", [False, True], ids=["axial", "oblique"])
+def test_segmentation_carries_the_ct_as_its_reference_image_geometry(mrml_scene, oblique):
+    """Slicer's DICOM SEG export writes the segments on the reference geometry: it must be the CT's grid."""
+    ct = add_ct(mrml_scene, oblique=oblique, shape=(9, 31, 37))
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = (5.0, -7.0, 11.0)
+    transform.SetMatrixTransformToParent(mscene._numpy_to_matrix(shift))
+    ct.SetAndObserveTransformNodeID(transform.GetID())
+    out = mscene.write_outputs(ct, make_result(mscene.volume_from_node(ct, world=False), "A", threshold=0.3))
+
+    expected = slicer.vtkSegmentationConverter.SerializeImageGeometry(
+        mscene._numpy_to_matrix(mscene.node_ijk_to_ras(ct)), ct.GetImageData()
+    )
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    assert out.segmentation.GetSegmentation().GetConversionParameter(name) == expected
+    assert expected.endswith("0;36;0;30;0;8;")  # the CT's extent, I J K
+    assert out.segmentation.GetNodeReference(out.segmentation.GetReferenceImageGeometryReferenceRole()) is ct
+    assert out.segmentation.GetTransformNodeID() == ct.GetTransformNodeID() == transform.GetID()
+    segment_id = out.segmentation.GetSegmentation().GetNthSegmentID(0)
+    on_ct = slicer.util.arrayFromSegmentBinaryLabelmap(out.segmentation, segment_id, ct)
+    assert np.array_equal(on_ct != 0, slicer.util.arrayFromVolume(out.labelmap) != 0)
+
+
 def test_heatmap_display_inferno_window_threshold_and_foreground(mrml_scene):
     ct = add_ct(mrml_scene)
     composite = mrml_scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
