@@ -20,6 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "MMCAFNet" / "MMCAFNet.py"
+SETUP = ROOT / "MMCAFNetLib" / "slicer_setup.py"
+MAX_MODULE_LINES = 450  # the module file is the thin Qt layer; Qt-free work belongs to MMCAFNetLib
 UI = ROOT / "Resources" / "UI" / "MMCAFNet.ui"
 SCHEMA = Path(__file__).resolve().parent / "data" / "ExtensionsIndex-schema-v1.0.2.json"
 ALLOWED_THIRD_PARTY = {"slicer", "vtk", "qt", "ctk", "numpy"}
@@ -226,11 +228,48 @@ def test_help_cites_the_paper_and_the_dataset():
 
 
 def test_torch_is_installed_through_pytorchutils_never_plain_pip():
-    source = MODULE.read_text(encoding="utf-8")
+    """Checked on the module file and on slicer_setup, which does the installing for its Logic."""
+    source = MODULE.read_text(encoding="utf-8") + SETUP.read_text(encoding="utf-8")
     assert "PyTorchUtils" in source and "installTorch" in source
     for call in re.findall(r"pip_install\(([^)]*)\)", source):
         assert "torch" not in call, f"torch must come from the PyTorch extension, not pip_install({call})"
     assert "SimpleITK" in source  # pinned by the constraints file, never replaced
+
+
+def test_module_file_stays_within_its_line_bound():
+    lines = len(MODULE.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, f"MMCAFNet.py has {lines} lines; move Qt-free work into MMCAFNetLib"
+
+
+def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, dotted name) of every import in ``tree``, ``from a import b`` giving both a and a.b."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return found
+
+
+def test_the_widget_reaches_the_library_only_through_the_logic():
+    widget = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "MMCAFNetWidget")
+    direct = [(line, name) for line, name in imported_modules(widget) if name.split(".")[0] == "MMCAFNetLib"]
+    assert not direct, f"the widget imports the library itself: {direct}"
+    forbidden = ("MMCAFNetLib.synthetic", "MMCAFNetLib.ehr", "MMCAFNetLib.dataset")
+    anywhere = [(line, name) for line, name in imported_modules(module_tree()) if name.startswith(forbidden)]
+    assert not anywhere, f"MMCAFNet.py imports record or synthetic-data modules: {anywhere}"
+
+
+def test_module_category_is_this_extensions_own():
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    category = re.search(r'^set\(EXTENSION_CATEGORY "([^"]*)"\)', cmake, re.M).group(1)
+    assigned = [
+        ast.literal_eval(node.value)
+        for node in ast.walk(module_tree())
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "self.parent.categories"
+    ]
+    assert assigned == [[category]], f"module categories {assigned} should be [[{category!r}]] (CMakeLists.txt)"
 
 
 # --------------------------------------------------------------------------------------------------
