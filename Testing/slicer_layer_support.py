@@ -7,7 +7,7 @@ no wheel provides is Qt: ``qt``, ``ctk`` and the few Qt widget classes that Slic
 ``slicer`` namespace (``slicer.qMRMLNodeComboBox``...) are stood in for while the files are
 imported (class annotations and a ``qt.QColor`` subclass are evaluated then) and removed right
 after, so anything that really needs Qt at run time fails loudly instead of running on a fake.
-Every module the loader added is taken out of ``sys.modules`` again when the fixture ends.
+Every module the loader added is taken out of ``sys.modules`` again when ``slicer_layer()`` ends.
 """
 
 from __future__ import annotations

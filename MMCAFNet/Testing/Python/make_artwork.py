@@ -3,8 +3,9 @@
     python MMCAFNet/Testing/Python/make_artwork.py icon
     python MMCAFNet/Testing/Python/make_artwork.py screenshot [--checkpoint CKPT]
 
-The screenshot is a real run: a synthetic case classified by the bundled demo model (or CKPT),
-written into Slicer's MRML scene by MMCAFNetLib.scene when slicer-core is installed, and drawn
+The "screenshot" is a rendering, not a picture of Slicer (none exists yet), and says so in a
+footer: a real run, a synthetic case classified by the bundled demo model (or CKPT), written into
+Slicer's MRML scene by MMCAFNetLib.scene when slicer-core is installed, and drawn with matplotlib
 from the output nodes: CT slice, heatmap overlay (Inferno, opacity 0.4, low values hidden), the
 labelmap's contour and the probability table.
 """
@@ -155,6 +156,9 @@ def render_screenshot(checkpoint: str | None = None, path: Path = SCREENSHOT) ->
     if result.model.get("demo"):
         tab.text(0.5, 0.18, "DEMO model, synthetic case: not a diagnosis", color="#ff6b6b", fontsize=9,
                  ha="center", transform=tab.transAxes)
+    # The Extensions catalog shows this picture without a caption: it says itself what it is.
+    fig.text(0.01, 0.015, "Rendering of the module's outputs written into Slicer's MRML scene; not a screenshot "
+             "of Slicer", color="#9a9a9a", fontsize=8, ha="left")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, facecolor=fig.get_facecolor())
     plt.close(fig)
