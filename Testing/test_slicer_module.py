@@ -207,7 +207,7 @@ def test_missing_dependencies_are_found_without_importing_them(slicer_module, mo
     assert logic_class.missingDependencies() == ["torch", "pandas"]
 
 
-def test_the_panels_path_from_parameter_node_to_outputs(slicer_module, mrml_scene, one_torch_thread):
+def test_the_panels_path_from_parameter_node_to_outputs(slicer_module, mrml_scene):
     """As the widget runs it: options from the parameter node and model entry, start, poll, summary."""
     logic = slicer_module.MMCAFNetLogic()
     ct, point, record = add_demo_case(seed=11, size=48)
@@ -232,7 +232,7 @@ def test_the_panels_path_from_parameter_node_to_outputs(slicer_module, mrml_scen
     assert summary.startswith(job.result.predicted_label) and "DEMO MODEL" in summary and summary.endswith(" s)")
 
 
-def test_logic_classify_blocks_and_replaces_its_outputs(slicer_module, mrml_scene, one_torch_thread):
+def test_logic_classify_blocks_and_replaces_its_outputs(slicer_module, mrml_scene):
     logic = slicer_module.MMCAFNetLogic()
     ct, point, record = add_demo_case(seed=5, size=48)
     before = slicer.util.arrayFromVolume(ct).copy()
@@ -258,7 +258,7 @@ def self_test(slicer_module):
     return test, shown
 
 
-def test_the_self_test_classifies_the_demo_case(slicer_module, mrml_scene, one_torch_thread):
+def test_the_self_test_classifies_the_demo_case(slicer_module, mrml_scene):
     test, shown = self_test(slicer_module)
     mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "left over")  # setUp clears the scene
     test.runTest()
