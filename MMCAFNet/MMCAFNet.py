@@ -303,7 +303,7 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = "Stop the classification; the scene is left unchanged"
             self.ui.progressBar.value = 0
             self.ui.progressBar.setVisible(True)
-            self.ui.resultLabel.text = "Classifying..."
+            self.ui.resultLabel.text = f"{self._job.status}..."
             self._timer.start()
 
     def reportSetup(self, outcome) -> None:
@@ -320,8 +320,10 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self._timer.stop()
             return
+        over = job.poll()
         self.ui.progressBar.value = job.percent
-        if not job.poll():
+        self.ui.resultLabel.text = f"{job.status}..."  # starting the worker, loading the model, window n of N
+        if not over:
             return
         self._timer.stop()
         self._job = None
@@ -336,8 +338,7 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cancelJob(self) -> None:
         if self._job is not None:
-            self._job.cancel()
-            self.ui.resultLabel.text = "Cancelling..."
+            self._job.cancel()  # the next poll shows "Cancelling..."
 
 
 class MMCAFNetLogic(ScriptedLoadableModuleLogic):
