@@ -2,8 +2,9 @@
 
 A job is a folder. The caller writes the inputs (``ct.npy``, an optional ``lesion_mask.npy`` and
 ``inputs.json``: geometry, clinical record, lesion, options), then ``request.json`` last, by an
-atomic rename, so the worker never sees a half-written job. The worker writes ``heatmap.npy``,
-``labelmap.npy`` and ``result.json`` (last, atomically). Plain ``.npy`` and JSON: nothing in a job
+atomic rename, so the worker never sees a half-written job. The worker writes ``heatmap.npy`` and
+``labelmap.npy`` (the block of the CT grid that holds their non-zero voxels) and ``result.json``
+(last, atomically). Plain ``.npy`` and JSON: nothing in a job
 folder can run code when read (``allow_pickle=False``).
 """
 
@@ -129,15 +130,33 @@ def read_request(folder: Path) -> tuple[Volume, dict[str, Any], Any, dict[str, A
 # ----------------------------------------------------------------------------------------------
 
 
+def nonzero_block(array: np.ndarray) -> tuple[slice, slice, slice]:
+    """The smallest (K, J, I) block holding every non-zero voxel (an empty block for an all-zero array).
+
+    A lesion-guided heatmap is zero outside its windows, so on a 512x512x300 CT the block is a
+    small part of the grid: only it goes through the files.
+    """
+    nonzero = array != 0
+    block = []
+    for axis in range(3):
+        present = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
+        block.append(slice(int(present[0]), int(present[-1]) + 1) if present.size else slice(0, 0))
+    return tuple(block)  # type: ignore[return-value]
+
+
 def write_result(folder: Path, result: Classification) -> None:
-    """Write a Classification: arrays as ``.npy`` on the input grid, the rest as JSON, JSON last."""
+    """Write a Classification: the maps' non-zero blocks as ``.npy``, the rest as JSON, JSON last."""
     folder = Path(folder)
     maps: dict[str, Any] = {}
     for name in ("heatmap", "labelmap"):
         volume: Optional[Volume] = getattr(result, name)
         if volume is not None:
-            np.save(folder / f"{name}.npy", np.ascontiguousarray(volume.array), allow_pickle=False)
-            maps[name] = volume.ijk_to_ras
+            block = nonzero_block(volume.array)
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(volume.array[block]), allow_pickle=False)
+            maps[name] = {
+                "ijk_to_ras": volume.ijk_to_ras, "shape": list(volume.shape),
+                "block": [[sl.start, sl.stop] for sl in block],
+            }
     data = {
         "class_names": list(result.class_names),
         "class_labels": list(result.class_labels),
@@ -162,8 +181,11 @@ def read_result(folder: Path) -> Classification:
     folder = Path(folder)
     data = _read_json(folder / RESULT_FILE)
     maps = {}
-    for name, matrix in (data.get("maps") or {}).items():
-        maps[name] = Volume(np.load(folder / f"{name}.npy", allow_pickle=False), np.asarray(matrix, dtype=np.float64))
+    for name, spec in (data.get("maps") or {}).items():
+        block = np.load(folder / f"{name}.npy", allow_pickle=False)
+        array = np.zeros(tuple(spec["shape"]), dtype=block.dtype)
+        array[tuple(slice(a, b) for a, b in spec["block"])] = block
+        maps[name] = Volume(array, np.asarray(spec["ijk_to_ras"], dtype=np.float64))
     windows = [
         WindowResult(
             center_ras=tuple(w["center_ras"]),

@@ -87,6 +87,26 @@ def test_job_files_round_trip_a_classification(tmp_path):
     assert back.decision_text() == result.decision_text()
 
 
+def test_only_the_maps_non_zero_block_is_written_and_read_back_in_place(tmp_path):
+    grid = Volume.from_geometry(np.zeros((20, 30, 40), np.float32), (1.0, 1.0, 2.0))
+    heat = np.zeros(grid.shape, np.float32)
+    heat[5:9, 10:22, 3:7] = np.random.default_rng(0).uniform(0.01, 1, (4, 12, 4))
+    heat[7, 12, 5] = 0.0  # a zero inside the block stays zero
+    assert job_files.nonzero_block(heat) == (slice(5, 9), slice(10, 22), slice(3, 7))
+    assert job_files.nonzero_block(np.zeros((2, 3, 4))) == (slice(0, 0),) * 3
+    result = Classification(
+        class_names=["A", "G"], class_labels=["Adenocarcinoma", "Squamous cell carcinoma"],
+        probabilities=np.array([0.6, 0.4]), predicted_index=0, threshold=0.5, windows=[],
+        heatmap=grid.with_array(heat), labelmap=grid.with_array(np.zeros(grid.shape, np.uint8)), label_value=1,
+        timings={},
+    )
+    job_files.write_result(tmp_path, result)
+    assert np.load(tmp_path / "heatmap.npy").shape == (4, 12, 4)
+    back = job_files.read_result(tmp_path)
+    assert np.array_equal(back.heatmap.array, heat) and back.heatmap.shape == grid.shape
+    assert back.labelmap.shape == grid.shape and not back.labelmap.array.any()
+
+
 def test_a_malformed_job_file_is_refused_clearly(tmp_path):
     (tmp_path / "result.json").write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(job_files.JobFileError, match="does not hold a JSON object"):
