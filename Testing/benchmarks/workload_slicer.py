@@ -92,7 +92,7 @@ def w7_slicer(cfg: Dict[str, Any], device: str = "cpu") -> List[Dict[str, Any]]:
                 return predictor.classify(volume, record, lesion=box, heatmap="attention")
 
             def direct_and_scene(predictor: Any = predictor, ct: Any = ct) -> None:
-                mscene.write_outputs(ct, direct(predictor), show=False)  # replaces the previous run's nodes
+                mscene.write_outputs(ct, direct(predictor), show=True)  # as Apply does; replaces the previous nodes
 
             cold_logic = sl.ClassificationLogic()
             start = time.perf_counter()
