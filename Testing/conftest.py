@@ -1,7 +1,5 @@
 """Shared pytest fixtures."""
 
-import types
-
 import pytest
 
 
@@ -12,29 +10,12 @@ def mrml_scene():
     slicer.util looks up ``slicer.mrmlScene`` and ``slicer.modules``, so they are set for the test
     and removed afterwards.
     """
-    slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    app_logic.GetColorLogic().SetMRMLScene(scene)
-    app_logic.GetColorLogic().AddDefaultColorNodes()
-    app_logic.SetModuleLogic("Colors", app_logic.GetColorLogic())
+    pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
+    from mrml_support import close_scene, open_scene
 
-    def register(logic):
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app_logic)
-        return logic
-
-    segmentations = register(slicer.vtkSlicerSegmentationsModuleLogic())
-    volumes = register(slicer.vtkSlicerVolumesLogic())
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
-        segmentations=types.SimpleNamespace(logic=lambda: segmentations),
-        volumes=types.SimpleNamespace(logic=lambda: volumes),
-    )
+    scene = open_scene()
     yield scene
-    scene.Clear(1)
-    del slicer.mrmlScene, slicer.modules
+    close_scene(scene)
 
 
 @pytest.fixture

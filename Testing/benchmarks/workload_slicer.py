@@ -12,36 +12,16 @@ The worker's own peak memory is read from /proc where it exists.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
-import types
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 from measure import measure_interleaved
 
 POLL_S = 0.1
-
-
-def _scene() -> Any:
-    """Slicer's real MRML scene with the logics that writing outputs needs (as Testing/conftest.py)."""
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    app_logic.GetColorLogic().SetMRMLScene(scene)
-    app_logic.GetColorLogic().AddDefaultColorNodes()
-    app_logic.SetModuleLogic("Colors", app_logic.GetColorLogic())
-    logics = {}
-    for name, cls in (("segmentations", slicer.vtkSlicerSegmentationsModuleLogic), ("volumes", slicer.vtkSlicerVolumesLogic)):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app_logic)
-        logics[name] = logic
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(**{k: types.SimpleNamespace(logic=lambda v=v: v) for k, v in logics.items()})
-    return scene
 
 
 def _worker_peak_mib(pid: Optional[int]) -> Optional[float]:
@@ -71,13 +51,16 @@ def w7_slicer(cfg: Dict[str, Any], device: str = "cpu") -> List[Dict[str, Any]]:
         return [{"workload": "W7", "case": "Slicer job API", "variant": "-", "skipped": "slicer-core is not installed"}]
     from workloads import _row, bench_preset, clinical_schema, phantom_ct, write_checkpoint
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/, for the scene set-up
+    from mrml_support import open_scene
+
     from MMCAFNetLib import scene as mscene
     from MMCAFNetLib import slicer_logic as sl
     from MMCAFNetLib.inference import Predictor
 
     volume, box = phantom_ct(cfg["ct_shape"], cfg["ct_spacing"])
     _, record = clinical_schema()
-    _scene()
+    open_scene()
     ct = slicer.util.addVolumeFromArray(np.ascontiguousarray(volume.array), volume.ijk_to_ras, "CT")
     rows: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
