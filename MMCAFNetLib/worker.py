@@ -255,4 +255,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # Started as a script (what Slicer's PythonSlicer launcher passes on most plainly): import the
+    # library from the folder that holds this package, not from the package folder itself.
+    here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != Path(here)]
+    sys.path.insert(0, str(Path(here).parent))
     sys.exit(main())

@@ -33,9 +33,6 @@ LOG_FILE = "worker.log"
 #: Seconds a worker is given to stop by itself (quit, or a cancelled job) before it is killed.
 STOP_GRACE_S = 3.0
 
-# The worker is started with -c so that it imports this very MMCAFNetLib (installed next to the
-# Slicer module, where PythonSlicer's own path does not look) whatever its working directory.
-_BOOTSTRAP = "import sys; sys.path.insert(0, sys.argv[1]); from MMCAFNetLib.worker import main; sys.exit(main(sys.argv[2:]))"
 
 
 class WorkerError(RuntimeError):
@@ -107,9 +104,11 @@ class WorkerProcess:
         session = Path(tempfile.mkdtemp(prefix="mmcafnet-worker-"))
         (session / JOBS_DIR).mkdir()
         (session / EVENTS_FILE).touch()
-        library_root = str(Path(__file__).resolve().parents[1])
-        command = [self._python or worker_python(), "-u", "-c", _BOOTSTRAP, library_root, str(session),
-                   "--parent-pid", str(os.getpid())]
+        # The worker runs as a script by its path (no interpreter options, which a launcher such as
+        # PythonSlicer might take for its own), and imports this very MMCAFNetLib (installed next to
+        # the Slicer module, where PythonSlicer's own path does not look).
+        script = str(Path(__file__).resolve().with_name("worker.py"))
+        command = [self._python or worker_python(), script, str(session), "--parent-pid", str(os.getpid())]
         if self._loader:
             command += ["--loader", self._loader]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._env}
