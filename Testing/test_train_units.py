@@ -171,3 +171,34 @@ def test_zoom_and_mirroring_reach_the_training_windows_only():
     assert all(np.array_equal(a, b) for a, b in zip(images(False), images(False, scale_range=0.2, mirror_all_axes=True)))
     with pytest.raises(ValueError, match="scale_range"):
         TrainConfig(scale_range=1.0).validate()
+
+
+def _poison_freed_memory() -> None:
+    """Leave NaN in freed heap blocks, where a kernel reading memory it never wrote would find it."""
+    for size in (1 << 10, 1 << 14, 1 << 16, 1 << 18, 1 << 20):
+        a, b = torch.full((size,), float("nan")), torch.full((size,), float("nan"), dtype=torch.bfloat16)
+        del a, b
+
+
+def test_cpu_training_steps_run_in_fp32_even_where_bf16_is_forced(monkeypatch):
+    """oneDNN's bf16 Conv3d weight gradient on CPU (torch 2.13, AVX512-BF16/AMX) reads memory it never
+    wrote when the kernel overhangs a small map (e.g. 3x3x3 over 2x4x4, the deepest pyramid level of
+    a small window): its weight gradients held NaN or garbage left by earlier work, which made the
+    training tests fail at random after other tests. Training therefore never autocasts on CPU."""
+    from MMCAFNetLib.optimize import CPU_BF16_ENV
+    from MMCAFNetLib.train.loop import autocast_context
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    cpu = torch.device("cpu")
+    with autocast_context(cpu, True):
+        assert not torch.is_autocast_enabled("cpu")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(64, 2, 3, padding=1)  # the shape of a tiny BFPU gate
+    x = torch.randn(4, 64, 2, 4, 4)
+    for _ in range(3):
+        conv.zero_grad(set_to_none=True)
+        _poison_freed_memory()
+        with autocast_context(cpu, True):
+            y = conv(x)
+        y.float().sum().backward()
+        assert torch.isfinite(conv.weight.grad).all()

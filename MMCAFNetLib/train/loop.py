@@ -136,13 +136,13 @@ def resolved_batchnorm(config: TrainConfig, device: torch.device, ctx: D.Distrib
 
 
 def autocast_context(device: torch.device, enabled: bool):
+    """bf16 (or fp16) autocast on CUDA; fp32 everywhere else. Not on CPU, even with AVX512-BF16/AMX:
+    oneDNN's bf16 Conv3d weight gradient there (torch 2.13) reads memory it never wrote when the
+    kernel overhangs a small feature map (3x3x3 over the 2x4x4 deepest pyramid level of a small
+    window), so the weight gradients held NaN or garbage left behind by earlier work."""
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
-    if enabled and device.type == "cpu":  # bf16 only on CPUs with AVX512-BF16/AMX (docs/performance.md)
-        from MMCAFNetLib.optimize import autocast
-
-        return autocast(device)
     return torch.autocast(device.type, enabled=False)
 
 
