@@ -98,18 +98,16 @@ def write_load_request(folder: Path, options: dict[str, Any]) -> None:
     _write_json(Path(folder) / REQUEST_FILE, {"job": Path(folder).name})
 
 
-def is_load_request(folder: Path) -> bool:
-    return bool(_read_json(Path(folder) / "inputs.json").get("load_only"))
+def read_inputs(folder: Path) -> dict[str, Any]:
+    """The job's ``inputs.json``: ``load_only`` says whether it is a :func:`write_load_request` job."""
+    return _read_json(Path(folder) / "inputs.json")
 
 
-def read_options(folder: Path) -> dict[str, Any]:
-    return dict(_read_json(Path(folder) / "inputs.json").get("options") or {})
-
-
-def read_request(folder: Path) -> tuple[Volume, dict[str, Any], Any, dict[str, Any]]:
-    """(volume, record, lesion, options) of a job written by :func:`write_request`."""
+def read_request(folder: Path, inputs: Optional[dict[str, Any]] = None) -> tuple[Volume, dict[str, Any], Any, dict[str, Any]]:
+    """(volume, record, lesion, options) of a job written by :func:`write_request` (``inputs``: its
+    :func:`read_inputs`, when already read)."""
     folder = Path(folder)
-    inputs = _read_json(folder / "inputs.json")
+    inputs = read_inputs(folder) if inputs is None else inputs
     array = np.load(folder / "ct.npy", allow_pickle=False)
     volume = Volume(array, np.asarray(inputs["ijk_to_ras"], dtype=np.float64), dict(inputs.get("meta") or {}))
     spec = inputs.get("lesion") or {"kind": "none"}

@@ -116,13 +116,9 @@ class ClassificationJob:
         """Read the worker's events; True once the worker is through with this job."""
         if self._outcome is not None:
             return True
-        for event in self._worker.read_events():
-            if event.get("job") == self.id:
-                self._on_event(event)
+        self._take_events()
         if self._outcome is None and not self._worker.alive:
-            for event in self._worker.read_events():  # what it wrote just before it ended
-                if event.get("job") == self.id:
-                    self._on_event(event)
+            self._take_events()  # what it wrote just before it ended
             if self._outcome is None:
                 self._outcome = "cancelled" if self.cancelled else "error"
                 if not self.cancelled:
@@ -135,6 +131,11 @@ class ClassificationJob:
             self._worker.kill()  # it did not stop by itself: a hard cancel
             self._outcome = "cancelled"
         return self._outcome is not None
+
+    def _take_events(self) -> None:
+        for event in self._worker.read_events():
+            if event.get("job") == self.id:
+                self._on_event(event)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")

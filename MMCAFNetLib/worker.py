@@ -162,17 +162,18 @@ class Worker:
 
     # -- one job --------------------------------------------------------------------------------
     def handle(self, folder: Path) -> None:
-        from MMCAFNetLib.job_files import is_load_request, read_options, read_request, write_result
+        from MMCAFNetLib.job_files import read_inputs, read_request, write_result
         from MMCAFNetLib.results import Cancelled
 
         job = folder.name
         try:
-            if is_load_request(folder):
-                options = read_options(folder)
+            inputs = read_inputs(folder)
+            if inputs.get("load_only"):
+                options = dict(inputs.get("options") or {})
                 shutil.rmtree(folder, ignore_errors=True)  # nobody reads a result from it
                 self.predictor(job, str(options["model_path"]), str(options.get("device", "auto")))
             else:
-                volume, record, lesion, options = read_request(folder)
+                volume, record, lesion, options = read_request(folder, inputs)
                 result = self.classify(job, folder, volume, record, lesion, options)
                 write_result(folder, result)
         except Cancelled:
