@@ -26,9 +26,9 @@ MiB = 1024.0 * 1024.0
 # ---------------------------------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> Optional[float]:
+def _status_kib(key: str, pid: Any = "self") -> Optional[float]:
     try:
-        with open("/proc/self/status", encoding="ascii") as fh:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith(key + ":"):
                     return float(line.split()[1])
@@ -43,9 +43,10 @@ def rss_mib() -> Optional[float]:
     return None if kib is None else kib / 1024.0
 
 
-def peak_rss_mib() -> Optional[float]:
-    """Resident-set high-water mark since the last :func:`reset_peak_rss` (MiB)."""
-    kib = _status_kib("VmHWM")
+def peak_rss_mib(pid: Any = "self") -> Optional[float]:
+    """Resident-set high-water mark of this process since the last :func:`reset_peak_rss`, or of
+    process ``pid`` over its life (MiB)."""
+    kib = _status_kib("VmHWM", pid)
     return None if kib is None else kib / 1024.0
 
 

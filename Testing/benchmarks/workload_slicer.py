@@ -16,23 +16,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
-from measure import measure_interleaved
+from measure import measure_interleaved, peak_rss_mib
 
 POLL_S = 0.1
-
-
-def _worker_peak_mib(pid: Optional[int]) -> Optional[float]:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1]) / 1024.0
-    except (OSError, TypeError):
-        return None
-    return None
 
 
 def _apply(logic: Any, ct: Any, record: dict, box: np.ndarray, options: Any) -> Any:
@@ -93,7 +82,7 @@ def w7_slicer(cfg: Dict[str, Any], device: str = "cpu") -> List[Dict[str, Any]]:
                 },
                 repeats=cfg["repeats_w2"] + 1, warmup=1, device=device,
             )
-            worker_peak = _worker_peak_mib(logic.worker.pid)
+            worker_peak = peak_rss_mib(logic.worker.pid)
             logic.worker.close()
             plain = stats["plain: Predictor in this process"]["median_s"]
             for variant, s in stats.items():
