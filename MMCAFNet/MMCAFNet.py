@@ -287,6 +287,7 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._parameterNode.clinicalRecord = json.dumps({**self.formRecord(), **record})
         self.buildClinicalForm(self.currentModel())  # the form shows the stored record
+        slicer.util.showStatusMessage("From the DICOM header: " + ", ".join(f"{k} {v}" for k, v in record.items()), 5000)
 
     def onApplyButton(self) -> None:
         if self._job is not None:

@@ -32,6 +32,7 @@ import numpy as np
 
 from MMCAFNetLib.atomic import write_bytes_atomic
 from MMCAFNetLib.preset import Preset, get_preset
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 from MMCAFNetLib.volume import Volume
 
 CACHE_FORMAT = 1
@@ -44,7 +45,7 @@ class CacheError(ValueError):
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    write_bytes_atomic(path, (strict_dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def source_files(source: str | os.PathLike) -> list[Path]:

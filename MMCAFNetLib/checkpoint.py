@@ -88,3 +88,85 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path} is missing the checkpoint entries {missing}")
     return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# the network a checkpoint describes: checked before anything is allocated
+
+_PLAIN_CONFIG_TYPES = (bool, int, float, str, type(None))
+
+
+def _plain_config_value(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain_config_value(v) for v in value)
+    return isinstance(value, _PLAIN_CONFIG_TYPES)
+
+
+def check_class_names(payload: dict[str, Any], source: str = "checkpoint") -> list[str]:
+    """The checkpoint's class names: at least two distinct non-empty strings."""
+    names = payload.get("class_names")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise CheckpointError(f"{source}: class_names must be a list of class names, got {names!r:.200}")
+    if len(names) < 2:
+        raise CheckpointError(f"{source}: the checkpoint names {len(names)} class(es); at least 2 are needed")
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{source}: class_names {names} repeat a name")
+    return [str(n) for n in names]
+
+
+def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint",
+                          num_clinical: int | None = None) -> torch.nn.Module:
+    """Build the checkpoint's network and load its weights, refusing an inconsistent checkpoint.
+
+    Checked in order, each with a CheckpointError (exit status 2 on the command line) instead of a
+    traceback: the class list (at least two names), ``model_config`` (a dict of plain values), the
+    network's head against the class list (one logit for two classes, else one per class), then the
+    network is built on the ``meta`` device (no memory allocated, so an absurd width cannot exhaust
+    memory) and every tensor shape compared with the stored weights, and only then built for real.
+    """
+    from MMCAFNetLib.models import create_model
+
+    class_names = check_class_names(payload, source)
+    name = payload.get("model_name")
+    config = payload.get("model_config")
+    if config is None:
+        config = {}
+    if not isinstance(config, dict) or not all(isinstance(k, str) and _plain_config_value(v) for k, v in config.items()):
+        raise CheckpointError(f"{source}: model_config must be a dict of plain values, got {config!r:.200}")
+    config = dict(config)
+    expected = 1 if len(class_names) == 2 else len(class_names)
+    heads = config.setdefault("num_classes", expected)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads not in {expected, len(class_names)}:
+        raise CheckpointError(
+            f"{source}: the network's head has {heads!r} output(s) but the checkpoint names {len(class_names)} "
+            f"classes {class_names}; a head has one output for two classes (binary) or one per class. The "
+            "checkpoint is inconsistent: use the file written by `mmcafnet train`."
+        )
+    if num_clinical is not None:
+        config.setdefault("num_clinical", int(num_clinical))
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source}: state_dict must map names to tensors")
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(str(name), **config)
+    except Exception as exc:  # any failure to build from stored settings is a bad checkpoint, not a crash
+        raise CheckpointError(
+            f"{source}: cannot build model {name!r} with model_config {config}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}. The checkpoint is damaged or comes from a "
+            "newer MMCAFNetLib; update it or use another checkpoint."
+        ) from None
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != stored:
+        missing = sorted(set(shapes) - set(stored))[:3]
+        extra = sorted(set(stored) - set(shapes))[:3]
+        wrong = [f"{k} {stored[k]} (model {shapes[k]})" for k in shapes if k in stored and shapes[k] != stored[k]][:3]
+        detail = "; ".join(p for p in (
+            f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "",
+            f"shapes differ: {', '.join(wrong)}" if wrong else "") if p)
+        raise CheckpointError(f"{source}: the weights do not fit model {name!r} with its model_config ({detail})")
+    del skeleton
+    model = create_model(str(name), **config)
+    model.load_state_dict(state, strict=True)
+    return model

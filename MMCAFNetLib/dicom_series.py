@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from MMCAFNetLib.volume import Volume, VolumeError, ras_from_lps
+from MMCAFNetLib.grid import Volume, VolumeError, ras_from_lps
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SPACING_TOLERANCE = 0.02
@@ -588,6 +588,22 @@ def patient_meta(ds: Any) -> dict[str, Any]:
 # assembling
 
 
+def _check_declared_size(slices: list[DicomSlice]) -> None:
+    """Refuse sizes no CT has, and sizes memory cannot hold, before any pixel is decoded."""
+    from MMCAFNetLib.memory_guard import check_image_allocation
+
+    first = slices[0]
+    if first.rows <= 0 or first.columns <= 0:
+        raise VolumeError(
+            f"{first.path} declares an image of {first.rows} x {first.columns} pixels (Rows x Columns); "
+            "both must be positive. The header is damaged: re-export the series."
+        )
+    bits = int(_float_or(first.dataset.get("BitsAllocated", 16), 16.0))
+    raw_bytes = max(1, bits // 8) if bits > 0 else 2
+    # every slice's stored values plus the float32 volume (and one more float32 copy when gaps are filled)
+    check_image_allocation((len(slices), first.rows, first.columns), raw_bytes + 8, first.path)
+
+
 def build_volume(slices: list[DicomSlice], source: str, warn: list[str]) -> Volume:
     """One Volume from the image slices of one series (header-parsed, pixels deferred)."""
     multi = [s.path for s in slices if s.number_of_frames > 1]
@@ -604,6 +620,7 @@ def build_volume(slices: list[DicomSlice], source: str, warn: list[str]) -> Volu
         _check_transfer_syntax(sl)
     _check_uniform_plane(slices)
     first = slices[0]
+    _check_declared_size(slices)
     row, col, normal = _orientation(first, warn)
     col_spacing, row_spacing = _plane_spacing(first, warn)
 

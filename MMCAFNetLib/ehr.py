@@ -35,6 +35,7 @@ module's first Apply has installed pandas.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import sys
@@ -102,6 +103,25 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: Keys a record may carry that are not clinical inputs (identifiers, cohort-table columns): ignored.
+_NON_CLINICAL_KEYS = frozenset(
+    normalise_text(k).lower()
+    for k in (
+        *PATIENT_ID_ALIASES, *GRADING_ALIASES, "case_id", "case", "label", "split", "fold", "input", "series_path",
+        "series_uid", "path", "ct", "note", "notes", "comment", "comments",
+    )
+)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if _is_missing(a) or _is_missing(b):
+        return True
+    try:
+        return bool(a == b) or _token(a).lower() == _token(b).lower()
+    except Exception:
+        return False
+
+
 def _token(value: Any) -> str:
     """A raw categorical value as a comparable token: 2.0 -> "2", True -> "1", " 1a " -> "1a"."""
     if isinstance(value, (bool, np.bool_)):
@@ -141,6 +161,9 @@ class ClinicalField:
     strip_prefix: str = ""
     invalid_values: tuple[str, ...] = ()
     description: str = ""
+    #: any value outside ``values`` (and synonyms) is read as unknown with a warning, never refused
+    #: (sex: DICOM's O, or any other entry, says nothing about M or F)
+    other_values_unknown: bool = False
     impute: float | None = None
     scale_low: float | None = None
     scale_high: float | None = None
@@ -238,7 +261,7 @@ class ClinicalField:
         found = self._lookup().get(token.lower())
         if found is not None:
             return found
-        if lenient and token in self.invalid_values:
+        if self.other_values_unknown or (lenient and token in self.invalid_values):
             warnings.warn(
                 f"{self.label} ({self.name}): invalid value {token!r} read as unknown "
                 f"(accepted: {self.allowed_text()})",
@@ -306,6 +329,9 @@ class ClinicalField:
         if unknown:
             raise ValueError(f"clinical field description has unknown keys {sorted(unknown)}")
         kw = dict(d)
+        library = FIELD_LIBRARY.get(str(kw.get("name")))
+        if "other_values_unknown" not in kw and library is not None and library.kind == kw.get("kind"):
+            kw["other_values_unknown"] = library.other_values_unknown  # schemas saved before the attribute
         syn = kw.get("synonyms") or {}
         kw["synonyms"] = tuple(syn.items()) if isinstance(syn, Mapping) else tuple(tuple(p) for p in syn)
         for key in ("values", "codes", "value_labels", "aliases", "invalid_values"):
@@ -326,7 +352,8 @@ _SEX = ClinicalField(
     aliases=("Sex", "PatientSex", "gender"),
     synonyms=(("female", "F"), ("woman", "F"), ("w", "F"), ("male", "M"), ("man", "M")),
     invalid_values=("O",),
-    description="Sex as recorded (DICOM PatientSex 'O' reads as unknown).",
+    other_values_unknown=True,
+    description="Sex as recorded; any value other than M or F (DICOM PatientSex 'O') reads as unknown.",
 )
 _AGE = ClinicalField(
     name="age",
@@ -472,15 +499,71 @@ class ClinicalSchema:
                 out[r, c] = f.code(f.canonical(row.get(f.name), lenient=lenient))
         return out
 
-    def validate_record(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    def validate_record(self, record: Any, notes: list[str] | None = None) -> dict[str, Any]:
         """Check one hand-typed record; returns {field: canonical value or None (unknown)}.
 
-        Keys the schema does not know are ignored; a value it does not accept raises
-        ClinicalValueError naming the field and what it accepts.
+        A record is a JSON object (dict) of field values. Keys are matched to fields by name or by
+        one of the field's aliases (``Age``, ``PatientSex``, ``T-Stage``). A key that looks like a
+        misspelt field (``agee``) is refused, naming the field it resembles: silently dropping it
+        would let a default or a DICOM header value stand in for what the user typed. Other keys
+        (identifiers, a cohort table's columns) are ignored, and listed in ``notes`` when that list is
+        given; values read as unknown with a warning (sex "O") are noted there too. A value the schema
+        does not accept raises ClinicalValueError naming the field and what it accepts.
         """
+        values = self.record_values(record, notes)
+        out: dict[str, Any] = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ClinicalDataWarning)
+            for f in self.fields:
+                out[f.name] = f.canonical(values.get(f.name))
+        for w in caught:
+            if issubclass(w.category, ClinicalDataWarning):
+                if notes is not None and str(w.message) not in notes:
+                    notes.append(str(w.message))
+            else:  # pragma: no cover - not ours: pass it on
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out
+
+    def record_values(self, record: Any, notes: list[str] | None = None) -> dict[str, Any]:
+        """{field name: raw value} of a record whose keys may be names or aliases (see validate_record)."""
         if not isinstance(record, Mapping):
-            raise TypeError(f"a clinical record must be a dict, got {type(record).__name__}")
-        return {f.name: f.canonical(record.get(f.name)) for f in self.fields}
+            raise ClinicalValueError(
+                f"a clinical record must be a JSON object of field values such as {{\"sex\": \"M\", \"age\": 63}}, "
+                f"got {type(record).__name__} {_short(record)}; fields: {', '.join(self.field_names)}"
+            )
+        by_key: dict[str, str] = {}
+        for f in self.fields:
+            for key in (f.name, *f.aliases):
+                by_key.setdefault(_header_key(key), f.name)
+        values: dict[str, Any] = {}
+        ignored: list[str] = []
+        for raw_key, value in record.items():
+            key = _header_key(raw_key)
+            name = by_key.get(key)
+            if name is None:
+                if key in _NON_CLINICAL_KEYS:
+                    continue
+                close = difflib.get_close_matches(key, list(by_key), n=1, cutoff=0.75)
+                if close:
+                    raise ClinicalValueError(
+                        f"unknown clinical key {_short(raw_key)}: did you mean {by_key[close[0]]!r}? "
+                        f"The record's fields are: {', '.join(self.field_names)}"
+                    )
+                ignored.append(_short(raw_key, 40))
+                continue
+            if name in values and not _same_value(values[name], value):
+                raise ClinicalValueError(
+                    f"the record gives {self.field(name).label} ({name}) twice with different values "
+                    f"({_short(values[name])} and {_short(value)}); keep one"
+                )
+            if name not in values or _is_missing(values[name]):
+                values[name] = value
+        if ignored and notes is not None:
+            notes.append(
+                f"clinical record key(s) {', '.join(ignored)} are not clinical fields and were ignored "
+                f"(fields: {', '.join(self.field_names)})"
+            )
+        return values
 
     def fit(self, df: Any) -> ClinicalSchema:
         """A new schema whose imputation and scaling come from these rows (the training split only)."""
@@ -645,3 +728,80 @@ def read_clinical_sheet(
     df.attrs["warnings"] = messages
     df.attrs["source"] = str(path)
     return df
+
+
+# -- values from the CT's DICOM header --------------------------------------------------------------
+#: DICOM attribute each header-filled field comes from.
+HEADER_ATTRIBUTES = {"sex": "PatientSex", "age": "PatientAge", "weight": "PatientWeight"}
+
+
+def parse_dicom_age(value: Any) -> float | None:
+    """Years from a DICOM AS value ("063Y", "006M", "012W", "010D"; a bare number is years), or
+    already a number of years; None when absent or unreadable."""
+    if _is_missing(value):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        years = float(value)
+        return years if math.isfinite(years) and years >= 0 else None
+    match = re.fullmatch(r"\s*(\d{1,3}(?:\.\d+)?)\s*([DWMYdwmy]?)\s*", normalise_text(value))
+    if not match:
+        return None
+    number, unit = float(match.group(1)), (match.group(2) or "Y").upper()
+    return number * {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}[unit]
+
+
+def values_from_header(sex: Any = None, age: Any = None, weight: Any = None,
+                       schema: ClinicalSchema | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Clinical values readable from a CT's DICOM header, filtered by the schema: one rule for the
+    command line and for Slicer's form.
+
+    Returns ({field: canonical value}, notes). A value the schema would not accept (an age of 150, a
+    weight of 0) or that means unknown (PatientSex "O") is left out, with a note saying so; fields the
+    schema does not have are left out silently.
+    """
+    schema = schema or default_schema()
+    raw = {"sex": sex, "age": parse_dicom_age(age) if not _is_missing(age) else None, "weight": weight}
+    record: dict[str, Any] = {}
+    notes: list[str] = []
+    for name, value in raw.items():
+        if name not in schema.field_names:
+            continue
+        given = {"sex": sex, "age": age, "weight": weight}[name]
+        if _is_missing(given):
+            continue
+        attribute = HEADER_ATTRIBUTES[name]
+        if value is None:
+            notes.append(f"DICOM {attribute} {_short(given)} is not readable; {name} left unknown")
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ClinicalDataWarning)
+            try:
+                canonical = schema.field(name).canonical(value)
+            except ClinicalValueError as exc:
+                notes.append(f"DICOM {attribute} {_short(given)} not used: {exc}")
+                continue
+        if canonical is None:
+            notes.append(f"DICOM {attribute} {_short(given)} means unknown; {name} left unknown")
+            continue
+        record[name] = round(canonical, 2) if isinstance(canonical, float) else canonical
+    return record, notes
+
+
+def fill_from_header(record: Mapping[str, Any], header: Mapping[str, Any],
+                     schema: ClinicalSchema | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The record with sex, age and weight taken from the header where the user gave none.
+
+    ``header`` holds ``patient_sex``, ``patient_age``, ``patient_weight`` (a Volume's ``meta``).
+    Returns (filled record, {field: value taken from the header}, notes about header values left out).
+    """
+    schema = schema or default_schema()
+    values, notes = values_from_header(header.get("patient_sex"), header.get("patient_age"),
+                                       header.get("patient_weight"), schema)
+    given = schema.record_values(record) if isinstance(record, Mapping) else {}
+    filled = dict(record)
+    taken: dict[str, Any] = {}
+    for name, value in values.items():
+        if _is_missing(given.get(name)):
+            filled[name] = value
+            taken[name] = value
+    return filled, taken, notes

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from MMCAFNetLib.results import Classification, WindowResult
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 from MMCAFNetLib.volume import Volume
 
 REQUEST_FILE = "request.json"
@@ -33,7 +34,7 @@ class JobFileError(ValueError):
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that a reader sees either nothing or the whole file (rename is atomic)."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, allow_nan=False, default=_plain), encoding="utf-8")
+    partial.write_text(strict_dumps(data, default=_plain), encoding="utf-8")
     os.replace(partial, path)
 
 

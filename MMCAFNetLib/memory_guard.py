@@ -122,6 +122,33 @@ def available_memory_bytes() -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# reading an image: the declared size against the available memory, before anything is allocated
+
+
+def check_image_allocation(shape: tuple[int, ...], bytes_per_voxel: int, source: str,
+                           available: Optional[int] = None) -> int:
+    """Refuse (MemoryGuardError) an image whose header declares more voxels than memory can hold.
+
+    Called by every reader with the sizes its header declares, before the pixels are read or any
+    buffer is allocated: a compressed file of a few kilobytes can declare terabytes. Returns the
+    bytes the read needs (``bytes_per_voxel`` counts every copy the read makes per voxel).
+    """
+    voxels = 1
+    for n in shape:
+        voxels *= max(int(n), 0)
+    needed = voxels * int(bytes_per_voxel)
+    available = available if available is not None else available_memory_bytes()
+    if available is not None and needed > USABLE_FRACTION * available:
+        dims = " x ".join(str(int(n)) for n in shape)
+        raise MemoryGuardError(
+            f"{source}: its header declares {dims} = {voxels:,} voxels, which would need about {gib(needed)} of "
+            f"memory to read, but only {gib(available)} is available. The header is damaged or the image is far "
+            f"larger than a CT; check the file. ({AVAILABLE_MEMORY_ENV}=<bytes> overrides the detected amount.)"
+        )
+    return needed
+
+
+# ---------------------------------------------------------------------------------------------
 # estimate
 
 

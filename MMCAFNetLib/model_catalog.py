@@ -263,8 +263,9 @@ def _atomic_copy(source: Path, target: Path) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
+    from MMCAFNetLib.strict_json import write_json
+
+    write_json(path, data)
 
 
 def add_model_from_file(

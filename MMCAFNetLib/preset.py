@@ -67,3 +67,37 @@ def get_preset(name_or_dict: str | dict[str, Any] | Preset) -> Preset:
         return PRESETS[name_or_dict]
     except KeyError:
         raise ValueError(f"unknown preset {name_or_dict!r}; choose one of {sorted(PRESETS)}") from None
+
+
+#: An image covering less than this share of one window along any axis is refused: the network
+#: would see mostly padding, and its answer would be about the padding.
+MIN_WINDOW_COVER = 0.25
+
+
+class ImageTooSmallError(ValueError):
+    """The image is far smaller than one network window; the message gives both sizes."""
+
+
+def check_covers_window(volume: Any, preset: Preset, fraction: float = MIN_WINDOW_COVER) -> None:
+    """Raise ImageTooSmallError when the image, on the preset's grid, is shorter than ``fraction``
+    of one window along any axis (checked before windows are chosen, with or without a lesion)."""
+    import numpy as np
+
+    from MMCAFNetLib.windows import canonical_orientation, prepared_grid
+
+    oriented = canonical_orientation(volume, contiguous=False)
+    _, shape = prepared_grid(oriented, preset)
+    short = [axis for axis, (n, w) in enumerate(zip(shape, preset.window)) if n < fraction * w]
+    if short:
+        extent = np.asarray(volume.shape, dtype=float)[::-1] * np.asarray(volume.spacing, dtype=float)
+        window_mm = (
+            "" if preset.spacing is None
+            else " = " + " x ".join(f"{w * s:g}" for w, s in zip(preset.window, preset.spacing)) + " mm (K x J x I)"
+        )
+        raise ImageTooSmallError(
+            f"the image is too small to classify: {' x '.join(str(n) for n in volume.shape)} voxels "
+            f"({' x '.join(f'{e:.1f}' for e in extent[::-1])} mm, K x J x I), which is "
+            f"{' x '.join(str(n) for n in shape)} voxels on the model's grid, while one window of the model is "
+            f"{' x '.join(str(w) for w in preset.window)} voxels{window_mm}. An image must cover at least "
+            f"{fraction:.0%} of a window along every axis: pass the whole CT, not a crop or a thumbnail."
+        )

@@ -11,7 +11,6 @@ never modified: no voxels, no attributes, no references.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -229,28 +228,18 @@ DICOM_SEX, DICOM_AGE, DICOM_WEIGHT = "0010,0040", "0010,1010", "0010,1030"
 
 def parse_dicom_age(text: str) -> Optional[float]:
     """DICOM AS value ('063Y', '006M', '010W', '003D') -> years, or None when unreadable."""
-    match = re.fullmatch(r"\s*(\d{1,3})\s*([DWMY]?)\s*", text or "")
-    if not match:
-        return None
-    value, unit = float(match.group(1)), match.group(2) or "Y"
-    return round(value / {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}[unit], 2)
+    from MMCAFNetLib.ehr import parse_dicom_age as parse
+
+    years = parse(text)
+    return None if years is None else round(years, 2)
 
 
-def record_from_dicom_values(sex: str, age: str, weight: str) -> dict[str, Any]:
-    """Clinical fields readable from a CT header; fields that are empty or odd are left out."""
-    record: dict[str, Any] = {}
-    sex = (sex or "").strip().upper()
-    if sex in ("M", "F"):
-        record["sex"] = sex
-    years = parse_dicom_age(age)
-    if years is not None:
-        record["age"] = years
-    try:
-        kg = float((weight or "").strip())
-        if kg > 0:
-            record["weight"] = kg
-    except ValueError:
-        pass
+def record_from_dicom_values(sex: str, age: str, weight: str, schema: Any = None) -> dict[str, Any]:
+    """Clinical fields readable from a CT header, filtered by the same rule as the command line
+    (``ehr.values_from_header``): values the schema would refuse, or that mean unknown, are left out."""
+    from MMCAFNetLib.ehr import values_from_header
+
+    record, _ = values_from_header(sex, age, weight, schema)
     return record
 
 

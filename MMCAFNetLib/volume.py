@@ -1,151 +1,39 @@
-"""CT volumes: one array in (K, J, I) order plus a 4x4 IJK->RAS matrix, the convention Slicer uses.
+"""CT volumes: reading and writing (DICOM, NRRD, NIfTI, MetaImage), resampling, plausibility.
 
-Conversion to and from LPS (SimpleITK, DICOM) happens only in this module.
+The Volume type itself (array in (K, J, I) order plus a 4x4 IJK->RAS matrix, the convention Slicer
+uses) and the one LPS <-> RAS conversion live in :mod:`MMCAFNetLib.grid` and are re-exported here.
+
+Every reader refuses, before the pixels are read, an image whose header declares more voxels than
+memory can hold (:func:`MMCAFNetLib.memory_guard.check_image_allocation`), and refuses after
+reading an image holding NaN or infinite voxels (:func:`refuse_nonfinite`): no reader converts
+them silently.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass
-class Volume:
-    """A scalar 3D image.
-
-    ``array`` has shape (K, J, I) (slices, rows, columns); ``ijk_to_ras`` maps homogeneous voxel
-    indices (i, j, k, 1) to RAS millimetres. ``meta`` carries plain data read from the source
-    (modality, series UID, patient sex/age/weight, warnings), never pixel data.
-    """
-
-    array: np.ndarray
-    ijk_to_ras: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.ijk_to_ras = np.asarray(self.ijk_to_ras, dtype=np.float64)
-        if self.ijk_to_ras.shape != (4, 4):
-            raise ValueError(f"ijk_to_ras must be a 4x4 matrix, got shape {self.ijk_to_ras.shape}")
-        if not np.all(np.isfinite(self.ijk_to_ras)):
-            raise ValueError("ijk_to_ras contains NaN or infinite values")
-        if np.any(self.spacing <= 0):
-            raise ValueError(f"voxel spacing must be positive, got {tuple(self.spacing)}")
-        if self.array.ndim != 3:
-            raise ValueError(
-                f"a volume must be 3D (K, J, I); got an array of shape {self.array.shape}. "
-                "Pass a single 3D image (not a 2D slice or a 4D series)."
-            )
-
-    @classmethod
-    def from_geometry(
-        cls,
-        array: np.ndarray,
-        spacing: tuple[float, float, float],
-        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
-        directions: np.ndarray | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> Volume:
-        """Build from (I, J, K) spacing, RAS origin and 3x3 RAS direction columns (i, j, k axes)."""
-        return cls(array, make_ijk_to_ras(spacing, origin, directions), dict(meta or {}))
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
-
-    @property
-    def spacing(self) -> np.ndarray:
-        """Voxel size along I, J, K in mm."""
-        return np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
-
-    @property
-    def origin(self) -> np.ndarray:
-        """RAS position of voxel (0, 0, 0)."""
-        return self.ijk_to_ras[:3, 3].copy()
-
-    @property
-    def directions(self) -> np.ndarray:
-        """3x3 matrix whose columns are the unit RAS directions of the I, J, K axes."""
-        return self.ijk_to_ras[:3, :3] / self.spacing
-
-    @property
-    def ras_to_ijk(self) -> np.ndarray:
-        return np.linalg.inv(self.ijk_to_ras)
-
-    def ras_to_ijk_points(self, points_ras: np.ndarray) -> np.ndarray:
-        """(N, 3) RAS mm -> (N, 3) continuous (i, j, k) indices."""
-        pts = np.atleast_2d(np.asarray(points_ras, dtype=np.float64))
-        homo = np.c_[pts, np.ones(len(pts))]
-        return (homo @ self.ras_to_ijk.T)[:, :3]
-
-    def ijk_to_ras_points(self, points_ijk: np.ndarray) -> np.ndarray:
-        """(N, 3) continuous (i, j, k) indices -> (N, 3) RAS mm."""
-        pts = np.atleast_2d(np.asarray(points_ijk, dtype=np.float64))
-        homo = np.c_[pts, np.ones(len(pts))]
-        return (homo @ self.ijk_to_ras.T)[:, :3]
-
-    def contains_ras(self, point_ras: np.ndarray) -> bool:
-        ijk = self.ras_to_ijk_points(point_ras)[0]
-        upper = np.array(self.shape[::-1]) - 0.5
-        return bool(np.all(ijk >= -0.5) and np.all(ijk <= upper))
-
-    def with_array(self, array: np.ndarray, **meta: Any) -> Volume:
-        """A volume on the same grid holding another array (heatmaps, labelmaps)."""
-        if array.shape != self.array.shape:
-            raise ValueError(f"array shape {array.shape} does not match the grid {self.array.shape}")
-        return Volume(array, self.ijk_to_ras.copy(), {**self.meta, **meta})
-
-    def same_geometry(self, other: Volume, atol: float = 1e-4) -> bool:
-        return self.shape == other.shape and np.allclose(self.ijk_to_ras, other.ijk_to_ras, atol=atol)
-
-
-def make_ijk_to_ras(
-    spacing: tuple[float, float, float],
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    directions: np.ndarray | None = None,
-) -> np.ndarray:
-    directions = np.eye(3) if directions is None else np.asarray(directions, dtype=np.float64)
-    m = np.eye(4)
-    m[:3, :3] = directions * np.asarray(spacing, dtype=np.float64)[None, :]
-    m[:3, 3] = origin
-    return m
-
-
-
-def grid_corners_ras(ijk_to_ras: np.ndarray, shape_kji: Sequence[int]) -> np.ndarray:
-    """(8, 3) RAS mm: the outer corners of a voxel grid (voxel edges, half a voxel beyond the
-    first and last voxel centres), for its physical extent on another grid."""
-    n = np.array(shape_kji[::-1], dtype=np.float64) - 0.5
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0]) for j in (-0.5, n[1]) for k in (-0.5, n[2])])
-    return (corners @ np.asarray(ijk_to_ras, dtype=np.float64).T)[:, :3]
+# re-exported: the public home of these names stays MMCAFNetLib.volume
+from MMCAFNetLib.grid import LPS_TO_RAS as LPS_TO_RAS
+from MMCAFNetLib.grid import Volume as Volume
+from MMCAFNetLib.grid import VolumeError as VolumeError
+from MMCAFNetLib.grid import grid_corners_ras as grid_corners_ras
+from MMCAFNetLib.grid import lps_from_ras as lps_from_ras
+from MMCAFNetLib.grid import make_ijk_to_ras as make_ijk_to_ras
+from MMCAFNetLib.grid import ras_from_lps as ras_from_lps
 
 # ---------------------------------------------------------------------------------------------
-# Errors, the one LPS <-> RAS conversion, SimpleITK bridge
-
-
-class VolumeError(ValueError):
-    """A volume cannot be read, written or resampled; the message names the problem and the fix."""
+# SimpleITK bridge
 
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 _INTERPOLATORS = ("linear", "nearest")
-
-
-def ras_from_lps(ijk_to_lps: np.ndarray) -> np.ndarray:
-    """IJK->LPS (DICOM, ITK) to IJK->RAS (Slicer, this library). The only place the axes flip."""
-    return LPS_TO_RAS @ np.asarray(ijk_to_lps, dtype=np.float64)
-
-
-def lps_from_ras(ijk_to_ras: np.ndarray) -> np.ndarray:
-    """IJK->RAS to IJK->LPS (the flip is its own inverse)."""
-    return ras_from_lps(ijk_to_ras)
 
 
 def _suffix(path: str | os.PathLike) -> str:
@@ -233,35 +121,142 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
     from MMCAFNetLib import dicom_series
 
     if os.path.isdir(path):
-        return dicom_series.read_dicom_series(path, series_uid)
-    suffix = _suffix(path)
-    if suffix in IMAGE_SUFFIXES:
-        return _read_itk_file(path)
-    if series_uid is not None:
-        raise VolumeError(f"series_uid applies to a DICOM folder; {path} is a single file")
-    if suffix in (".dcm", ".dicom", ".ima", "") or dicom_series._looks_like_dicom(path):
-        return dicom_series.read_dicom_file(path)
-    raise VolumeError(
-        f"{path}: unsupported file type {suffix!r}. Supported: a DICOM series folder, a DICOM file, "
-        + ", ".join(IMAGE_SUFFIXES)
-        + "."
-    )
+        volume = dicom_series.read_dicom_series(path, series_uid)
+    else:
+        suffix = _suffix(path)
+        if suffix in IMAGE_SUFFIXES:
+            volume = _read_itk_file(path)
+        elif series_uid is not None:
+            raise VolumeError(f"series_uid applies to a DICOM folder; {path} is a single file")
+        elif suffix in (".dcm", ".dicom", ".ima", "") or dicom_series._looks_like_dicom(path):
+            volume = dicom_series.read_dicom_file(path)
+        else:
+            raise VolumeError(
+                f"{path}: unsupported file type {suffix!r}. Supported: a DICOM series folder, a DICOM file, "
+                + ", ".join(IMAGE_SUFFIXES)
+                + "."
+            )
+    refuse_nonfinite(volume.array, path)
+    return volume
+
+
+def refuse_nonfinite(array: np.ndarray, source: str) -> None:
+    """Raise VolumeError when a float image holds NaN or infinite voxels (every reader calls this).
+
+    A CT has a number in every voxel; NaN or infinity means a damaged export or an overflowing
+    rescale, and a model fed with it (or with a silent replacement) gives a meaningless answer.
+    """
+    if array.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(array)
+    n_bad = int(array.size - np.count_nonzero(finite))
+    if n_bad:
+        n_nan = int(np.count_nonzero(np.isnan(array)))
+        raise VolumeError(
+            f"{source}: {n_bad} of {array.size} voxel(s) are not numbers ({n_nan} NaN, {n_bad - n_nan} infinite). "
+            + _NONFINITE_FIX
+        )
+
+
+_NONFINITE_FIX = (
+    "A CT needs a value in every voxel: re-export the image, or fill those voxels (e.g. with -1000 HU, air) "
+    "before use."
+)
 
 
 def _read_itk_file(path: str) -> Volume:
     import SimpleITK as sitk
 
+    from MMCAFNetLib.memory_guard import check_image_allocation
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
     try:
-        image = sitk.ReadImage(path)
+        reader.ReadImageInformation()  # the header only: sizes are checked before any pixel is read
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "Description" in line or "ERROR" in line.upper()), first[-1] if first else "")
-        raise VolumeError(f"cannot read {path}: {detail.strip().rstrip('.:')}. Is the file complete and a valid image?") from exc
+        raise VolumeError(f"cannot read {path}: {_itk_detail(exc)}. Is the file complete and a valid image?") from exc
+    size = tuple(int(n) for n in reader.GetSize())
+    if any(n <= 0 for n in size):
+        raise VolumeError(f"cannot read {path}: its header declares the size {size}; every size must be positive")
+    bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    component = int(bits.group(1)) // 8 if bits else 8
+    components = int(reader.GetNumberOfComponents() or 1)
+    # the image, its float32 copy for the model (float64 images: also the float32 conversion)
+    check_image_allocation(size[::-1], component * components + 4, path)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise VolumeError(f"cannot read {path}: {_itk_detail(exc)}. Is the file complete and a valid image?") from exc
     meta = _empty_meta(path)
     volume = from_sitk(image, meta)
+    if _suffix(path) in (".nii", ".nii.gz"):
+        hidden = nifti_nonfinite_count(path)  # ITK's NIfTI reader turns NaN into 0 without a word
+        if hidden:
+            raise VolumeError(
+                f"{path}: {hidden} of {volume.array.size} voxel(s) are not numbers (stored as NaN or infinity, "
+                "which the NIfTI reader would silently turn into 0). " + _NONFINITE_FIX
+            )
     if volume.array.dtype == np.float64:
-        volume.array = volume.array.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            volume.array = volume.array.astype(np.float32)  # beyond the float32 range: inf, refused by the caller
     return volume
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}  # NIfTI datatype code -> numpy kind
+
+
+def nifti_nonfinite_count(path: str, chunk_bytes: int = 1 << 24) -> int:
+    """Voxels stored as NaN or infinity in a float NIfTI file (.nii or .nii.gz; NIfTI-1 or -2),
+    counted by streaming the raw data (integer files: 0 without reading the data)."""
+    import gzip
+
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+        if len(head) < 348:
+            return 0
+        for order in ("<", ">"):
+            size = int(np.frombuffer(head, f"{order}i4", 1, 0)[0])
+            if size in (348, 540):
+                break
+        else:
+            return 0
+        if size == 348:
+            dims = np.frombuffer(head, f"{order}i2", 8, 40).astype(np.int64)
+            datatype = int(np.frombuffer(head, f"{order}i2", 1, 70)[0])
+            offset = int(np.frombuffer(head, f"{order}f4", 1, 108)[0])
+        else:
+            if len(head) < 540:
+                return 0
+            datatype = int(np.frombuffer(head, f"{order}i2", 1, 12)[0])
+            dims = np.frombuffer(head, f"{order}i8", 8, 16)
+            offset = int(np.frombuffer(head, f"{order}i8", 1, 168)[0])
+        kind = _NIFTI_FLOAT_TYPES.get(datatype)
+        if kind is None:
+            return 0
+        ndim = int(dims[0])
+        if not 1 <= ndim <= 7:
+            return 0
+        dtype = np.dtype(order + kind)
+        remaining = int(np.prod(np.maximum(dims[1 : ndim + 1], 1)))
+        fh.seek(max(offset, size + 4 if size == 348 else size))
+        bad = 0
+        step = max(1, chunk_bytes // dtype.itemsize)
+        while remaining > 0:
+            data = fh.read(min(remaining, step) * dtype.itemsize)
+            n = len(data) // dtype.itemsize
+            if n == 0:
+                break
+            values = np.frombuffer(data[: n * dtype.itemsize], dtype)
+            bad += int(n - np.count_nonzero(np.isfinite(values)))
+            remaining -= n
+        return bad
+
+
+def _itk_detail(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    detail = next((line for line in lines if "Description" in line or "ERROR" in line.upper()), lines[-1] if lines else "")
+    return detail.strip().rstrip(".:")
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> None:
@@ -289,17 +284,15 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"cannot write {path}: the folder {parent} does not exist")
+    from MMCAFNetLib.atomic import atomic_output, raise_if_no_space
+
     image = to_sitk(volume)
-    base = os.path.basename(path)
-    tmp = os.path.join(parent, f".{base[: len(base) - len(suffix)]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
-        sitk.WriteImage(image, tmp, useCompression=bool(compress) or suffix == ".nii.gz")
-        os.replace(tmp, path)
-    except RuntimeError as exc:
-        raise VolumeError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path, suffix=f".tmp{suffix}") as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=bool(compress) or suffix == ".nii.gz")
+        except RuntimeError as exc:
+            raise_if_no_space(exc, tmp)  # a full disk is a runtime failure (OSError), not bad input
+            raise VolumeError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -119,7 +118,9 @@ class Worker:
 
     # -- events ---------------------------------------------------------------------------------
     def emit(self, event: str, **data: Any) -> None:
-        self._events.write(json.dumps({"event": event, "time": time.time(), **data}, default=str) + "\n")
+        from MMCAFNetLib.strict_json import dumps as strict_dumps  # no NaN in an event line
+
+        self._events.write(strict_dumps({"event": event, "time": time.time(), **data}, default=str) + "\n")
         self._events.flush()
 
     # -- loop -----------------------------------------------------------------------------------

@@ -258,14 +258,25 @@ def test_resampling_a_full_size_ct_takes_seconds():
 # plausibility
 
 
-def test_nan_voxels_load_and_are_flagged(tmp_path):
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii", ".nii.gz", ".mha"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e300])
+def test_nan_and_infinite_voxels_are_refused_by_the_reader_of_every_format(tmp_path, suffix, bad):
+    """No reader hands NaN or infinity on (1e300 in a float64 file becomes inf in float32)."""
+    array = np.full((4, 8, 8), -1000.0, dtype=np.float64)
+    array[1, 2, 3] = bad
+    array[2] = 40.0
+    path = tmp_path / f"bad{suffix}"
+    write_volume(Volume.from_geometry(array, (1, 1, 1)), path)
+    with pytest.raises(VolumeError, match=r"1 of 256 voxel\(s\) are not numbers") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)
+
+
+def test_nan_voxels_in_memory_are_flagged_by_check_ct():
     array = np.full((4, 8, 8), -1000.0, dtype=np.float32)
     array[1, 2, 3] = np.nan
     array[2] = 40.0
-    write_volume(Volume.from_geometry(array, (1, 1, 1)), tmp_path / "nan.nrrd")
-    volume = read_volume(tmp_path / "nan.nrrd")
-    assert np.isnan(volume.array[1, 2, 3])
-    warnings = check_ct(volume)
+    warnings = check_ct(Volume.from_geometry(array, (1, 1, 1)))
     assert any("1 voxel" in w and "NaN" in w for w in warnings)
 
 

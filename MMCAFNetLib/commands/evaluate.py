@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, progress=not args.no_progress, cache_dir=args.cache,
     )
     keys = ("auroc", "accuracy", "f1", "specificity", "sensitivity", "ppv", "npv", "macro_f1", "ece", "threshold")
-    print(json.dumps({"report": f"{args.out}/report.md", **{k: metrics[k] for k in keys if k in metrics}}, indent=2))
+    print(strict_dumps({"report": f"{args.out}/report.md", **{k: metrics[k] for k in keys if k in metrics}}, indent=2))
     return 0

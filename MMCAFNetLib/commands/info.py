@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         path = demo_checkpoint_path()
     info = describe_checkpoint(path)
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(strict_dumps(info, indent=2, default=str))
         return 0
     preset = info["preset"] or {}
     prov = info["provenance"]

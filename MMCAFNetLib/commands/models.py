@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--window needs three positive sizes, got {args.window}")
     rows = complexity_table(tuple(args.window), names, num_classes=args.num_classes)
     if args.json:
-        json.dump([row.to_dict() for row in rows], sys.stdout, indent=2)
+        sys.stdout.write(strict_dumps([row.to_dict() for row in rows], indent=2))
         sys.stdout.write("\n")
         return 0
     window = "x".join(str(v) for v in args.window)

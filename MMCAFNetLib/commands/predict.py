@@ -98,7 +98,9 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     volume = read_volume(input_path, series_uid=getattr(args, "series_uid", None))
     if isinstance(lesion, (str, Path)):
         lesion = read_volume(lesion)
-    record = _with_header_values(dict(record or {}), volume)
+    from MMCAFNetLib.ehr import fill_from_header
+
+    record, from_header, header_notes = fill_from_header(dict(record or {}), volume.meta, predictor.schema)
     progress = None if quiet else _progress_printer()
     result = predictor.classify(
         volume,
@@ -111,22 +113,21 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     )
     if progress is not None:
         print(file=sys.stderr)
-    read_warnings = [str(w) for w in volume.meta.get("warnings") or []]
+    read_warnings = [str(w) for w in volume.meta.get("warnings") or []] + header_notes
     result.warnings = read_warnings + [w for w in result.warnings if w not in read_warnings]
+    if from_header and not quiet:
+        print(f"clinical values from the DICOM header: {header_text(from_header)}", file=sys.stderr)
     write_outputs(
         result, volume, out, input_path=str(input_path), case_id=case_id,
         record=predictor.schema.validate_record(record), preview=not args.no_preview,
+        record_from_header=from_header,
     )
     return result
 
 
-def _with_header_values(record: dict[str, Any], volume) -> dict[str, Any]:
-    """Fill sex, age and weight from the DICOM header when the user gave none (as the Slicer form does)."""
-    for field, key in (("sex", "patient_sex"), ("age", "patient_age"), ("weight", "patient_weight")):
-        value = volume.meta.get(key)
-        if record.get(field) in (None, "") and value not in (None, ""):
-            record[field] = value
-    return record
+def header_text(values: dict[str, Any]) -> str:
+    """'sex M, age 63' for the values a run took from the DICOM header."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
 
 
 def _progress_printer():
@@ -187,12 +188,18 @@ def read_clinical_file(path: str | os.PathLike, row: Optional[str] = None) -> di
         with open(path, encoding="utf-8") as fh:
             try:
                 data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path} is not valid JSON ({exc})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                raise UsageError(f"{path} is not valid JSON ({detail})") from None
         if isinstance(data, list):
+            if not all(isinstance(r, dict) for r in data):
+                raise UsageError(f"{path}: a list of clinical records must hold only JSON objects ({{...}}), one per case")
             data = _pick_row(data, row, path)
         if not isinstance(data, dict):
-            raise UsageError(f"{path} must hold a JSON object of clinical values (or a list of them)")
+            raise UsageError(
+                f"{path} must hold a JSON object of clinical values such as {{\"sex\": \"M\", \"age\": 63}} "
+                f"(or a list of them), not a JSON {type(data).__name__}"
+            )
         return {k: v for k, v in data.items() if v is not None}
     if path.suffix.lower() in (".csv", ".tsv"):
         import pandas as pd

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,5 +95,5 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {summary['patients']} patients ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
         f"at {args.size} px to {cohort.root} in {summary['seconds']} s"
     )
-    print(json.dumps(summary))
+    print(strict_dumps(summary))
     return 0

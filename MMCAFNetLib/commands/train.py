@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from MMCAFNetLib.cli import UsageError
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 
 
 def _fold(text: str):
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = resolve_config(args.recipe, args.stage, args.config, _overrides(args))
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        print(strict_dumps(config.to_dict(), indent=2))
         return 0
     from MMCAFNetLib.train.loop import train
 
@@ -114,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
     summary = train(config, args.cohort, out_dir, resume=args.resume, command=command,
                     all_folds=args.fold == "all")
     best = summary.get("best_metrics") or summary.get("validation") or {}
-    print(json.dumps({"out": str(out_dir), "summary": {k: v for k, v in summary.items() if k != "runs"},
+    print(strict_dumps({"out": str(out_dir), "summary": {k: v for k, v in summary.items() if k != "runs"},
                       "best": best if isinstance(best, dict) else {}}, indent=2, default=str)[:4000])
     return 0

@@ -31,8 +31,9 @@ def predict_cohort(payload: dict[str, Any], df, device: torch.device, batch_size
     config = TrainConfig(progress=progress, amp=True, channels_last=True, cache_dir=cache_dir)
     dataset = data_module.build_dataset(df, config, schema, preset, train=False, progress=progress,
                                         class_names=class_names)
-    model = data_module.build_model(payload["model_name"], dict(payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
+    from MMCAFNetLib.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(payload, num_clinical=schema.num_features)  # checked: classes, config, shapes
     model.to(device).eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=data_module.collate)
     return predict_windows(model, loader, device, config, DistributedContext(), progress=progress)

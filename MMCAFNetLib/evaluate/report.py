@@ -7,7 +7,6 @@ over patients (seeded).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,6 +24,7 @@ from MMCAFNetLib.evaluate.metrics import (
     roc_auc,
 )
 from MMCAFNetLib.plain import to_plain
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 
 #: The paper's results-table columns, in its order: (column title, metrics key).
 PAPER_COLUMNS = (
@@ -205,7 +205,7 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str, model
     if context.get("notes"):
         lines += ["## Notes", "", *context["notes"], ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
-    write_text_atomic(out / "metrics.json", json.dumps({**metrics, "context": to_plain(context)}, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", strict_dumps({**metrics, "context": to_plain(context)}, indent=2) + "\n")
     csv_lines = ["patient_id,label," + (f"p_{names[1]}" if binary else ",".join(f"p_{n}" for n in names))]
     for r in patients:
         pr = r["probability"]

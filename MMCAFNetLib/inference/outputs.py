@@ -1,18 +1,16 @@
 """The files a classification leaves behind: prediction.json, heatmap.nrrd, labelmap.nrrd, preview.png.
 
-Everything is written into a temporary folder next to the destination and moved into place only
-when every file is complete, so a failure (bad input, full disk, Ctrl-C) leaves nothing
-half-written: a new folder appears whole or not at all; in an existing folder the finished files
-replace the old ones one by one (each ``os.replace`` is atomic).
+Everything is written into a temporary folder next to the destination and swapped in only when
+every file is complete (``atomic.publish_folder``), so a failure (bad input, full disk, Ctrl-C, a
+kill) leaves nothing half-written: the folder holds the earlier run's whole set or the new whole set,
+never a mix; leftovers of killed runs are removed by the next run.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +34,7 @@ def prediction_dict(
     input_path: Optional[str] = None,
     case_id: Optional[str] = None,
     record: Optional[dict[str, Any]] = None,
+    record_from_header: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The JSON-ready summary of one classification (what prediction.json holds)."""
     from MMCAFNetLib import __version__
@@ -56,6 +55,7 @@ def prediction_dict(
         "label_value": int(result.label_value),
         "lesion_box_ras": result.model.get("lesion_box_ras"),
         "clinical_record": _json_plain(record) if record is not None else None,
+        "clinical_from_header": _json_plain(record_from_header or {}),  # values the DICOM header filled in
         "windows": [
             {
                 "center_ras": [round(float(v), 3) for v in w.center_ras],
@@ -83,6 +83,7 @@ def write_outputs(
     record: Optional[dict[str, Any]] = None,
     preview: bool = True,
     preview_box_ras: Optional[Any] = None,
+    record_from_header: Optional[dict[str, Any]] = None,
 ) -> dict[str, Path]:
     """Write the four files for one case into ``out_dir``; returns {file name: final path}.
 
@@ -90,20 +91,19 @@ def write_outputs(
     not written (and neither is an older copy left behind in ``out_dir``). ``preview_box_ras``
     draws another box than the lesion guidance on the preview (the demo draws the true lesion).
     """
+    from MMCAFNetLib.atomic import make_staging_folder
     from MMCAFNetLib.preview import render_preview
+    from MMCAFNetLib.strict_json import dumps as strict_dumps
     from MMCAFNetLib.volume import write_volume
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the results")
-    parent = out_dir.parent if str(out_dir.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+    tmp = make_staging_folder(out_dir)
     try:
-        info = prediction_dict(result, input_path=input_path, case_id=case_id, record=record)
-        with open(tmp / "prediction.json", "w", encoding="utf-8") as fh:
-            json.dump(info, fh, indent=2)
-            fh.write("\n")
+        info = prediction_dict(result, input_path=input_path, case_id=case_id, record=record,
+                               record_from_header=record_from_header)
+        (tmp / "prediction.json").write_text(strict_dumps(info, indent=2) + "\n", encoding="utf-8")
         if result.heatmap is not None:
             write_volume(result.heatmap, tmp / "heatmap.nrrd")
         if result.labelmap is not None:
@@ -128,17 +128,11 @@ def write_outputs(
 
 
 def _publish(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
-    """Move the finished files into place: a whole-folder rename when ``out_dir`` is new or empty."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-    else:
-        for name in names:
-            os.replace(tmp / name, out_dir / name)
-        for stale in OUTPUT_FILES:  # an older run's heatmap must not outlive a run without one
-            if stale not in names and (out_dir / stale).is_file():
-                (out_dir / stale).unlink()
+    """Swap the finished folder in as one set; files of the output set that this run did not write
+    (an older run's heatmap) do not survive, files the user put there do."""
+    from MMCAFNetLib.atomic import publish_folder
+
+    publish_folder(tmp, out_dir, managed=set(OUTPUT_FILES) | set(names))
     return {name: out_dir / name for name in names}
 
 

@@ -26,7 +26,7 @@ import torch
 from MMCAFNetLib import checkpoint as ckpt
 from MMCAFNetLib import heatmap as hm
 from MMCAFNetLib import memory_guard
-from MMCAFNetLib.preset import Preset, get_preset
+from MMCAFNetLib.preset import Preset, check_covers_window, get_preset
 from MMCAFNetLib.results import CLASS_LABELS, Cancelled, Classification, WindowResult
 from MMCAFNetLib.volume import Volume, grid_corners_ras, resample_to_grid
 
@@ -95,31 +95,15 @@ class Predictor:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Predictor:
         """Read a checkpoint (``weights_only=True``: it cannot run code) and build its model in eval mode."""
-        from MMCAFNetLib.models import create_model
-
         dev = resolve_device(device)
         payload = ckpt.load_checkpoint(path, map_location="cpu")
-        config = dict(payload.get("model_config") or {})
-        class_names = list(payload["class_names"])
-        if len(class_names) < 2:
-            raise ckpt.CheckpointError(f"{path}: the checkpoint names {len(class_names)} class(es); at least 2 are needed")
-        config.setdefault("num_classes", 1 if len(class_names) == 2 else len(class_names))
-        if "num_clinical" not in config:
-            from MMCAFNetLib.ehr import ClinicalSchema
+        from MMCAFNetLib.ehr import ClinicalSchema
 
-            config["num_clinical"] = ClinicalSchema.from_dict(payload["schema"]).num_features
         try:
-            model = create_model(payload["model_name"], **config)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ckpt.CheckpointError(
-                f"{path}: cannot build model {payload['model_name']!r} with config {config}: {exc}. "
-                "The checkpoint may come from a newer MMCAFNetLib; update it."
-            ) from None
-        try:
-            model.load_state_dict(payload["state_dict"], strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise ckpt.CheckpointError(f"{path}: the weights do not fit model {payload['model_name']!r} ({first})") from None
+            num_clinical = ClinicalSchema.from_dict(payload["schema"]).num_features
+        except Exception as exc:
+            raise ckpt.CheckpointError(f"{path}: its clinical schema is not usable ({exc})") from None
+        model = ckpt.model_from_checkpoint(payload, str(path), num_clinical=num_clinical)
         from MMCAFNetLib.optimize import optimize_for_inference
 
         model = optimize_for_inference(model, dev)  # eval, no gradients, BatchNorm folded (docs/performance.md)
@@ -182,6 +166,7 @@ class Predictor:
         if not 0.0 <= float(threshold) <= 1.0:
             raise InputError(f"the heatmap threshold must lie in 0..1, got {threshold}")
         warnings = validate_ct(volume)
+        check_covers_window(volume, self.preset)  # with or without a lesion: a thumbnail is not a CT
         clinical, clinical_warnings = self._encode_record(record)
         warnings += clinical_warnings
         box_ras = lesion_box_ras(volume, lesion)
@@ -289,14 +274,13 @@ class Predictor:
     # -- internals ------------------------------------------------------------------------------
     def _encode_record(self, record: Optional[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
         warnings: list[str] = []
-        record = dict(record or {})
-        canonical = self.schema.validate_record(record)
+        canonical = self.schema.validate_record({} if record is None else record, notes=warnings)
         unknown = [k for k, v in canonical.items() if v is None]
         if unknown:
             warnings.append(
                 f"clinical value(s) not given: {', '.join(unknown)}; imputed from the training data"
             )
-        return np.asarray(self.schema.encode(record), dtype=np.float32).reshape(1, -1), warnings
+        return np.asarray(self.schema.encode(canonical), dtype=np.float32).reshape(1, -1), warnings
 
     def _forward(self, image: torch.Tensor, clinical: torch.Tensor):
         from MMCAFNetLib.optimize import inference_context, prepare_image

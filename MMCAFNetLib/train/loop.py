@@ -41,6 +41,7 @@ from MMCAFNetLib.evaluate.metrics import (
     select_threshold,
 )
 from MMCAFNetLib.plain import to_plain as plain
+from MMCAFNetLib.strict_json import dumps as strict_dumps
 from MMCAFNetLib.train import distributed as D
 from MMCAFNetLib.train.config import TrainConfig
 from MMCAFNetLib.train.losses import build_loss
@@ -51,6 +52,18 @@ BEST = "best.pt"
 
 
 # ----------------------------------------------------------------------------- small utilities
+def single_sample_remainder(samples: int, batch_size: int) -> bool:
+    """True when an epoch would end with a batch of one sample, which BatchNorm cannot train on
+    (one value per channel has no variance): that sample is left out of this epoch (the sampler
+    shuffles, so another one sits out next epoch). Fewer than two samples cannot train at all."""
+    if samples < 2:
+        raise ValueError(
+            f"training needs at least 2 samples per process, got {samples}: BatchNorm cannot learn from a "
+            "batch of one. Add patients to the training split (or use fewer processes)."
+        )
+    return batch_size > 1 and samples % batch_size == 1
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text_atomic(path, text, newline="")
@@ -281,7 +294,8 @@ class Trainer:
                                     rank=self.ctx.rank)
         per_rank_batch = self._per_rank_batch()
         self.train_loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=per_rank_batch, sampler=self.sampler, drop_last=False,
+            self.train_set, batch_size=per_rank_batch, sampler=self.sampler,
+            drop_last=single_sample_remainder(len(self.sampler), per_rank_batch),
             num_workers=config.num_workers, collate_fn=self.data.collate,
         )
         val_sampler = EpochSampler([0] * len(self.val_set), shuffle=False, num_replicas=self.ctx.world_size,
@@ -387,7 +401,7 @@ class Trainer:
 
     # -- logging
     def _write_logs(self) -> None:
-        write_text_atomic(self.out_dir / "log.json", json.dumps(self.history, indent=2) + "\n")
+        write_text_atomic(self.out_dir / "log.json", strict_dumps(self.history, indent=2) + "\n")
         keys: list[str] = []
         for row in self.history:
             keys += [k for k in row if k not in keys and not isinstance(row[k], (list, dict))]
@@ -485,7 +499,7 @@ class Trainer:
             )
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.out_dir / "config.json", json.dumps(plain(config.to_dict()), indent=2) + "\n")
+            write_text_atomic(self.out_dir / "config.json", strict_dumps(plain(config.to_dict()), indent=2) + "\n")
         stop_reason = "completed"
         for epoch in range(start_epoch, config.epochs):
             if self.bad_epochs and config.early_stopping_patience and self.bad_epochs >= config.early_stopping_patience:
@@ -551,7 +565,7 @@ class Trainer:
             "fold": config.fold,
         }
         if self.ctx.is_main:
-            write_text_atomic(self.out_dir / "summary.json", json.dumps(plain(summary), indent=2) + "\n")
+            write_text_atomic(self.out_dir / "summary.json", strict_dumps(plain(summary), indent=2) + "\n")
         return plain(summary)
 
 
@@ -594,7 +608,7 @@ def train(config: TrainConfig, cohort, out_dir: str | Path, resume: bool = False
                 results.append(trainer.fit(resume=fold_resume))
             summary = summarise_folds(results)
             if ctx.is_main:
-                write_text_atomic(out_dir / "folds-summary.json", json.dumps(summary, indent=2) + "\n")
+                write_text_atomic(out_dir / "folds-summary.json", strict_dumps(summary, indent=2) + "\n")
             return summary
         return Trainer(config, cohort_df, out_dir, command, ctx, device).fit(resume=resume)
     finally:
