@@ -81,6 +81,41 @@ def small_ct(shape=(8, 10, 12), value: float = -1000.0) -> Volume:
     return Volume.from_geometry(array, spacing=(0.8, 0.8, 2.5), origin=(-4.0, -4.0, 0.0))
 
 
+def tiny_ct() -> Volume:
+    """4 x 4 x 4 voxels of 1 mm with tissue in it: far smaller than one window of any model."""
+    array = np.full((4, 4, 4), 40.0, dtype=np.float32)
+    array[0] = -1000.0
+    return Volume.from_geometry(array, spacing=(1.0, 1.0, 1.0))
+
+
+def write_header_bomb(path: Path, size: tuple[int, int, int] = (60000, 60000, 60000)) -> None:
+    """A compressed image of a few bytes whose header declares ``size`` voxels (1.7 PB of int16)."""
+    import gzip
+    import struct
+
+    if path.name.endswith(".nrrd"):
+        header = (
+            "NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+            f"sizes: {size[0]} {size[1]} {size[2]}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
+            "kinds: domain domain domain\nendian: little\nencoding: gzip\nspace origin: (0,0,0)\n\n"
+        )
+        path.write_bytes(header.encode("ascii") + gzip.compress(b"\0" * 4096))
+        return
+    hdr = bytearray(348)
+    struct.pack_into("<i", hdr, 0, 348)
+    struct.pack_into("<8h", hdr, 40, 3, *[min(n, 32767) for n in size], 1, 1, 1, 1)
+    struct.pack_into("<hh", hdr, 70, 4, 16)  # int16
+    struct.pack_into("<8f", hdr, 76, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    struct.pack_into("<f", hdr, 108, 352.0)
+    struct.pack_into("<f", hdr, 112, 1.0)  # scl_slope
+    struct.pack_into("<hh", hdr, 252, 0, 1)  # qform, sform
+    struct.pack_into("<4f", hdr, 280, 1.0, 0.0, 0.0, 0.0)
+    struct.pack_into("<4f", hdr, 296, 0.0, 1.0, 0.0, 0.0)
+    struct.pack_into("<4f", hdr, 312, 0.0, 0.0, 1.0, 0.0)
+    hdr[344:348] = b"n+1\0"
+    path.write_bytes(gzip.compress(bytes(hdr) + b"\0" * 4 + b"\0" * 4096))
+
+
 def checkpoint_payload(**changes: Any) -> dict[str, Any]:
     """A complete checkpoint of an untrained lite model (real weights, fitted default schema)."""
     import torch
@@ -184,10 +219,37 @@ def ct_nan_voxels(tmp: Path) -> None:
     ct = small_ct()
     ct.array[0, 0, :3] = np.nan
     write_volume(ct, tmp / "nan.nrrd")
-    loaded = read_volume(tmp / "nan.nrrd")
-    assert any("NaN" in w for w in check_ct(loaded))
+    expect(VolumeError, "nan.nrrd", "3 of 960 voxel(s) are not numbers")(lambda: read_volume(tmp / "nan.nrrd"))
     inference = import_or_skip("MMCAFNetLib.inference", "the Predictor")
-    expect(ValueError, "3 NaN")(lambda: inference.validate_ct(loaded))
+    expect(ValueError, "3 NaN")(lambda: inference.validate_ct(ct))  # a volume from memory (Slicer)
+
+
+def ct_nan_voxels_nifti(tmp: Path) -> None:
+    # ITK's NIfTI reader turns NaN into 0 without a word: the reader must find them in the raw data
+    ct = small_ct()
+    ct.array[0, 0, :2] = np.nan
+    for name in ("nan.nii", "nan.nii.gz"):
+        write_volume(ct, tmp / name)
+        expect(VolumeError, name, "2 of 960 voxel(s) are not numbers")(lambda name=name: read_volume(tmp / name))
+
+
+def ct_declared_size_beyond_memory(tmp: Path) -> None:
+    for name in ("huge.nrrd", "huge.nii.gz"):
+        write_header_bomb(tmp / name)
+        assert (tmp / name).stat().st_size < 4096
+        expect(ValueError, name, "declares", "memory")(lambda name=name: read_volume(tmp / name))
+
+
+def ct_too_small_for_a_window(tmp: Path) -> None:
+    inference = import_or_skip("MMCAFNetLib.inference", "the Predictor")
+    save_checkpoint(checkpoint_payload(), tmp / "ok.pt")
+    predictor = inference.Predictor.load(tmp / "ok.pt", device="cpu")
+    tiny = tiny_ct()
+    record = {"sex": "M", "age": 60}
+    for lesion in (None, np.array([1.0, 1.0, 1.0])):  # with and without a lesion: the size is named
+        expect(ValueError, "too small", "4 x 4 x 4 voxels", "12 x 192 x 192")(
+            lambda lesion=lesion: predictor.classify(tiny, record, lesion=lesion, heatmap=None)
+        )
 
 
 def ct_all_nan(tmp: Path) -> None:
@@ -252,7 +314,29 @@ def clinical_unicode_accepted(tmp: Path) -> None:
 
 
 def clinical_not_a_dict(tmp: Path) -> None:
-    expect(TypeError, "dict")(lambda: SCHEMA.validate_record(["M", 63]))  # type: ignore[arg-type]
+    for record in (["M", 63], "M", 63, None, 1.5, [[{"age": 1}]]):
+        expect(ClinicalValueError, "JSON object")(lambda record=record: SCHEMA.validate_record(record))
+
+
+def clinical_misspelt_key(tmp: Path) -> None:
+    # a misspelt key must not be dropped silently (a DICOM header age would take its place)
+    expect(ClinicalValueError, "agee", "did you mean 'age'")(lambda: SCHEMA.validate_record({"agee": 63}))
+    expect(ClinicalValueError, "smokng", "'smoking'")(lambda: SCHEMA.validate_record({"smokng": "1"}))
+
+
+def clinical_other_keys_noted(tmp: Path) -> None:
+    notes: list[str] = []
+    out = SCHEMA.validate_record({"Age": 63, "PatientSex": "F", "favourite_colour": "blue", "case_id": "x"}, notes)
+    assert out["age"] == 63.0 and out["sex"] == "F"  # aliases of the fields are read as the fields
+    assert any("favourite_colour" in n for n in notes) and not any("case_id" in n for n in notes), notes
+    expect(ClinicalValueError, "twice")(lambda: SCHEMA.validate_record({"age": 63, "Age": 70}))
+
+
+def clinical_sex_other_than_m_or_f_is_unknown(tmp: Path) -> None:
+    for value in ("X", "O", "U", "other", "\u202eM\x00\ufffd", 7, ["M"]):
+        notes: list[str] = []
+        assert SCHEMA.validate_record({"sex": value}, notes)["sex"] is None, value
+        assert any("Sex" in n and "unknown" in n for n in notes), (value, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +440,36 @@ def ckpt_wrong_weights(tmp: Path) -> None:
     expect(CheckpointError, "weights do not fit")(lambda: inference.Predictor.load(tmp / "wrong.pt", device="cpu"))
 
 
+def ckpt_classes_do_not_fit_head(tmp: Path) -> None:
+    inference = import_or_skip("MMCAFNetLib.inference", "the Predictor")
+    save_checkpoint(checkpoint_payload(class_names=["A", "B", "G"]), tmp / "three.pt")
+    expect(CheckpointError, "head", "1 output", "3 classes")(
+        lambda: inference.Predictor.load(tmp / "three.pt", device="cpu")
+    )
+    save_checkpoint(checkpoint_payload(class_names=["A", "A"]), tmp / "twice.pt")
+    expect(CheckpointError, "repeat")(lambda: inference.Predictor.load(tmp / "twice.pt", device="cpu"))
+
+
+ABSURD_CONFIGS = (
+    {"num_classes": 1, "num_clinical": 7, "stem_channels": 10**9},
+    {"num_classes": 1, "num_clinical": 7, "stem_channels": -4},
+    {"num_classes": 1, "num_clinical": 7, "stage_channels": "wide"},
+    {"num_classes": 1, "num_clinical": 7, "warp_factor": 9},
+    {"num_classes": "one", "num_clinical": 7},
+    {"num_classes": 1, "num_clinical": 10**12},
+    ["not", "a", "dict"],
+)
+
+
+def ckpt_absurd_model_config(tmp: Path) -> None:
+    inference = import_or_skip("MMCAFNetLib.inference", "the Predictor")
+    for n, config in enumerate(ABSURD_CONFIGS):
+        save_checkpoint(checkpoint_payload(model_config=config), tmp / f"absurd{n}.pt")
+        expect(CheckpointError, f"absurd{n}.pt")(
+            lambda n=n: inference.Predictor.load(tmp / f"absurd{n}.pt", device="cpu")
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 #
@@ -406,6 +520,42 @@ CLI_CASES: dict[str, CliCase] = {
     "predict-pickled-checkpoint": CliCase(
         ["predict", "--checkpoint", "{evil}", "--input", "{tmp}/ct.nrrd", "--out", "{tmp}/p6"],
         ("evil.pt",), "p6", PREDICT,
+    ),
+    "predict-clinical-misspelt-key": CliCase(
+        ["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/ct.nrrd", "--out", "{tmp}/p7", "--clinical",
+         "{tmp}/agee.json"], ("agee", "did you mean 'age'"), "p7", PREDICT,
+    ),
+    "predict-clinical-json-list-of-numbers": CliCase(
+        ["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/ct.nrrd", "--out", "{tmp}/p8", "--clinical",
+         "{tmp}/numbers.json"], ("numbers.json", "JSON objects"), "p8", PREDICT,
+    ),
+    "predict-clinical-json-string": CliCase(
+        ["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/ct.nrrd", "--out", "{tmp}/p9", "--clinical",
+         "{tmp}/string.json"], ("string.json", "JSON object"), "p9", PREDICT,
+    ),
+    "predict-clinical-json-nested-deeply": CliCase(
+        ["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/ct.nrrd", "--out", "{tmp}/p10", "--clinical",
+         "{tmp}/deep.json"], ("deep.json",), "p10", PREDICT,
+    ),
+    "predict-tiny-image": CliCase(
+        ["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/tiny.nrrd", "--out", "{tmp}/p11", "--point", "1", "1",
+         "1"], ("too small", "4 x 4 x 4"), "p11", PREDICT,
+    ),
+    "predict-header-bomb": CliCase(
+        ["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/huge.nrrd", "--out", "{tmp}/p12"],
+        ("huge.nrrd", "declares", "memory"), "p12", PREDICT,
+    ),
+    "predict-nan-nifti": CliCase(
+        ["predict", "--checkpoint", "{ckpt}", "--input", "{tmp}/nan.nii.gz", "--out", "{tmp}/p13"],
+        ("nan.nii.gz", "not numbers"), "p13", PREDICT,
+    ),
+    "predict-classes-do-not-fit-head": CliCase(
+        ["predict", "--checkpoint", "{tmp}/three.pt", "--input", "{tmp}/ct.nrrd", "--out", "{tmp}/p14"],
+        ("three.pt", "head"), "p14", PREDICT,
+    ),
+    "predict-absurd-model-config": CliCase(
+        ["predict", "--checkpoint", "{tmp}/absurd.pt", "--input", "{tmp}/ct.nrrd", "--out", "{tmp}/p15"],
+        ("absurd.pt", "model_config"), "p15", PREDICT,
     ),
     "info-missing": CliCase(["info", "{tmp}/none.pt"], ("none.pt",), None, ("commands/info.py",)),
     "info-text-file": CliCase(["info", "{text}"], ("readme.pt",), None, ("commands/info.py",)),
@@ -476,11 +626,23 @@ def cli_results(tmp_path_factory) -> dict[str, Any]:
     marker = tmp / "payload-ran.txt"
     write_pickled_callable(tmp / "evil.pt", marker)
     (tmp / "readme.pt").write_text("plain text\n")
+    (tmp / "agee.json").write_text(json.dumps({"sex": "M", "agee": 63}))
+    (tmp / "numbers.json").write_text("[1, 2, 3]")
+    (tmp / "string.json").write_text('"M, 63"')
+    (tmp / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    write_volume(tiny_ct(), tmp / "tiny.nrrd")
+    write_header_bomb(tmp / "huge.nrrd")
+    nan_ct = small_ct()
+    nan_ct.array[0, 0, 0] = np.nan
+    write_volume(nan_ct, tmp / "nan.nii.gz")
     subs = {"tmp": str(tmp), "evil": str(tmp / "evil.pt"), "text": str(tmp / "readme.pt"), "ckpt": ""}
     runnable = {n: c for n, c in CLI_CASES.items() if not _missing_parts(c)}
     if any("{ckpt}" in a for c in runnable.values() for a in c.args):
         try:
             save_checkpoint(checkpoint_payload(), tmp / "ok.pt")
+            save_checkpoint(checkpoint_payload(class_names=["A", "B", "G"]), tmp / "three.pt")
+            save_checkpoint(checkpoint_payload(model_config={"num_classes": 1, "num_clinical": 7,
+                                                             "stem_channels": 10**9}), tmp / "absurd.pt")
             subs["ckpt"] = str(tmp / "ok.pt")
         except pytest.skip.Exception:
             runnable = {n: c for n, c in runnable.items() if not any("{ckpt}" in a for a in c.args)}
@@ -544,7 +706,14 @@ CASES: list[Case] = [
     Case("ct", "folder of non-DICOM files", "VolumeError: none is a DICOM image, names a file", ct_non_dicom_files),
     Case("ct", "2D image", "VolumeError: 2D, pass the whole series", ct_2d_image),
     Case("ct", "4D image", "VolumeError: 4D, save one time point", ct_4d_image),
-    Case("ct", "NaN voxels", "loads with a warning; the Predictor refuses naming the count", ct_nan_voxels),
+    Case("ct", "NaN voxels", "VolumeError from the reader naming the file and the count; the Predictor refuses "
+         "a volume from memory", ct_nan_voxels),
+    Case("ct", "NaN voxels in NIfTI (ITK reads them as 0)", "VolumeError naming the file and the count",
+         ct_nan_voxels_nifti),
+    Case("ct", "compressed file declaring 60000^3 voxels", "refused against the memory guard before reading",
+         ct_declared_size_beyond_memory),
+    Case("ct", "4 x 4 x 4 voxels, with and without a lesion", "ValueError: too small, names both sizes",
+         ct_too_small_for_a_window),
     Case("ct", "all voxels NaN", "VolumeError: holds no data", ct_all_nan),
     Case("ct", "truncated NRRD", "VolumeError naming the file", ct_truncated_nrrd),
     Case("ct", "wrong extension (.png)", "VolumeError: unsupported type, lists the supported ones", ct_wrong_extension),
@@ -556,15 +725,19 @@ CASES: list[Case] = [
     Case("clinical", "age infinite", "ClinicalValueError naming age", clinical({"age": float("inf")}, "age")),
     Case("clinical", "age 10**400 (int too large for float)", "ClinicalValueError naming age", clinical({"age": 10**400}, "age")),
     Case("clinical", "weight 5 kg", "ClinicalValueError naming weight and 20..300", clinical({"weight": 5}, "weight", "300")),
-    Case("clinical", "sex 'X' (unknown category)", "ClinicalValueError listing 'F', 'M'", clinical({"sex": "X"}, "sex", "'F'", "'M'")),
+    Case("clinical", "sex 'X', 'O', 'other', garbage (not M or F)", "read as unknown with a note, not an error",
+         clinical_sex_other_than_m_or_f_is_unknown),
     Case("clinical", "T stage '5'", "ClinicalValueError listing the T stages", clinical({"t_stage": "5"}, "t stage", "'1a'")),
     Case("clinical", "age 'sixty' (wrong type)", "ClinicalValueError: not a number", clinical({"age": "sixty"}, "age", "not a number")),
     Case("clinical", "age [63] (list)", "ClinicalValueError: not a number", clinical({"age": [63]}, "age", "not a number")),
     Case("clinical", "smoking 0.5", "ClinicalValueError naming smoking", clinical({"smoking": 0.5}, "smoking")),
-    Case("clinical", "unicode garbage in sex", "ClinicalValueError naming sex", clinical({"sex": "\u202eM\x00\ufffd"}, "sex")),
     Case("clinical", "emoji in N stage", "ClinicalValueError naming N stage", clinical({"n_stage": "N\U0001f600"}, "n stage")),
     Case("clinical", "full-width 'Ｍ', '６３', ' T1a '", "accepted as M, 63, 1a (NFKC)", clinical_unicode_accepted),
-    Case("clinical", "record is a list", "TypeError: a record must be a dict", clinical_not_a_dict),
+    Case("clinical", "record is a list, a string, a number, null", "ClinicalValueError: a JSON object of field values",
+         clinical_not_a_dict),
+    Case("clinical", "misspelt key 'agee', 'smokng'", "ClinicalValueError: did you mean 'age'", clinical_misspelt_key),
+    Case("clinical", "aliases ('Age', 'PatientSex') and other keys", "aliases read; other keys noted; a field given "
+         "twice differently refused", clinical_other_keys_noted),
     Case("lesion", "point outside the volume", "ValueError naming the CT's RAS extent, RAS vs LPS hint", lesion_point_outside),
     Case("lesion", "point with NaN", "ValueError: not finite", lesion_point_nan),
     Case("lesion", "inverted box (max, min)", "accepted: corners sorted into the same box", lesion_inverted_box),
@@ -578,6 +751,10 @@ CASES: list[Case] = [
     Case("checkpoint", "missing file / a folder", "CheckpointError: not found", ckpt_missing_or_folder),
     Case("checkpoint", "raw state dict", "CheckpointError pointing to from_reference_state_dict", ckpt_raw_state_dict),
     Case("checkpoint", "weights of another model", "CheckpointError: weights do not fit", ckpt_wrong_weights),
+    Case("checkpoint", "three class names on a one-logit head", "CheckpointError naming the head and the classes",
+         ckpt_classes_do_not_fit_head),
+    Case("checkpoint", "absurd model_config (huge, negative, wrong types)", "CheckpointError, nothing allocated",
+         ckpt_absurd_model_config),
 ]
 
 

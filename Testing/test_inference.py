@@ -329,8 +329,13 @@ def test_refusals_name_the_problem(predictor, case) -> None:
         predictor.classify(vol, case.record, lesion=case.lesion_center_ras, heatmap="saliency")
     with pytest.raises(InputError, match="threshold"):
         predictor.classify(vol, case.record, lesion=case.lesion_center_ras, threshold=1.5)
-    with pytest.raises(ValueError, match="sex"):
-        predictor.classify(vol, {**case.record, "sex": "banana"}, lesion=case.lesion_center_ras)
+    with pytest.raises(ValueError, match="age"):
+        predictor.classify(vol, {**case.record, "age": "banana"}, lesion=case.lesion_center_ras)
+    with pytest.raises(ValueError, match="did you mean 'age'"):
+        predictor.classify(vol, {**case.record, "agee": 61}, lesion=case.lesion_center_ras)
+    # a sex other than M or F is unknown (imputed), with a warning, not an error
+    other = predictor.classify(vol, {**case.record, "sex": "banana"}, lesion=case.lesion_center_ras, heatmap=None)
+    assert any("banana" in w and "unknown" in w for w in other.warnings), other.warnings
 
 
 def test_non_ct_modality_and_odd_values_give_warnings(predictor, case) -> None:

@@ -112,7 +112,7 @@ def test_clinical_values_from_json_and_csv_rows(ckpt, ct_file, case, tmp_path) -
     ("extra", "message"),
     [
         (["--point", "9999", "0", "0"], "outside the CT"),
-        (["--sex", "banana"], "sex"),
+        (["--t-stage", "banana"], "T stage"),
         (["--threshold", "2"], "threshold"),
         (["--clinical", "{tmp}/missing.json"], "not found"),
         (["--clinical", "{tmp}/two.csv"], "--row"),

@@ -166,10 +166,10 @@ class Predictor:
         if not 0.0 <= float(threshold) <= 1.0:
             raise InputError(f"the heatmap threshold must lie in 0..1, got {threshold}")
         warnings = validate_ct(volume)
-        check_covers_window(volume, self.preset)  # with or without a lesion: a thumbnail is not a CT
         clinical, clinical_warnings = self._encode_record(record)
         warnings += clinical_warnings
         box_ras = lesion_box_ras(volume, lesion)
+        check_covers_window(volume, self.preset)  # with or without a lesion: a thumbnail is not a CT
 
         t = time.perf_counter()
         if box_ras is None:  # a whole-volume scan: refuse early when it cannot fit in memory
