@@ -102,8 +102,9 @@ def remove_stale(folder: str | os.PathLike, name: Optional[str] = None) -> list[
     return removed
 
 
-def raise_if_no_space(exc: BaseException, path: str | os.PathLike) -> None:
-    """Re-raise a failed write as ``OSError(ENOSPC)`` when the disk is (nearly) full.
+def raise_if_no_space(exc: BaseException, path: str | os.PathLike, target: str | os.PathLike | None = None) -> None:
+    """Re-raise a failed write of ``path`` (a temporary file for ``target``) as ``OSError(ENOSPC)``
+    when the disk is (nearly) full.
 
     For writers that hide the errno (SimpleITK, torch.save raise RuntimeError): the file system is
     asked how much space is left; under 1 MiB (or a file-size limit reached) counts as full.
@@ -111,7 +112,9 @@ def raise_if_no_space(exc: BaseException, path: str | os.PathLike) -> None:
     if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
         raise exc
     text = str(exc).lower()
-    full = any(s in text for s in ("no space", "file too large", "disk quota", "enospc", "efbig"))
+    full = any(s in text for s in ("no space", "file too large", "disk quota", "enospc", "efbig")) or bool(
+        re.search(r"\d+ requested and \d+ written", text)  # numpy's short write
+    )
     if not full:
         try:
             full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
@@ -126,7 +129,8 @@ def raise_if_no_space(exc: BaseException, path: str | os.PathLike) -> None:
         except (ImportError, OSError, ValueError):
             full = False
     if full:
-        raise OSError(errno.ENOSPC, f"no space left to write {Path(path).name} ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})") from exc
+        name = Path(target if target is not None else path)
+        raise OSError(errno.ENOSPC, f"no space left on the device to write {name}") from exc
 
 
 @contextmanager
@@ -141,6 +145,9 @@ def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # writers that hide a full disk behind another error
+        raise_if_no_space(exc, tmp, path)
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already after a successful replace
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from MMCAFNetLib.atomic import write_bytes_atomic
+from MMCAFNetLib.atomic import atomic_output, write_bytes_atomic
 from MMCAFNetLib.preset import Preset, get_preset
 from MMCAFNetLib.strict_json import dumps as strict_dumps
 from MMCAFNetLib.volume import Volume
@@ -189,18 +188,12 @@ class PreprocessCache:
             data = prepared.array.astype(np.float16)
         self.arrays.mkdir(parents=True, exist_ok=True)
         array_path, info_path = self._paths(key)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy.tmp", dir=self.arrays)
-        try:
-            with os.fdopen(fd, "wb") as fh:
+        with atomic_output(array_path, suffix=".npy.tmp") as tmp:  # a full disk: OSError(ENOSPC)
+            with open(tmp, "wb") as fh:
                 np.save(fh, data, allow_pickle=False)
             file_size = os.path.getsize(tmp)
             data_offset = file_size - data.nbytes
             crc = _crc32_file(Path(tmp), data_offset)
-            os.replace(tmp, array_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         keep_meta = {
             k: v
             for k, v in volume.meta.items()

@@ -7,7 +7,6 @@ unpickles arbitrary objects.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +43,19 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint payload lacks {missing}")
+    from MMCAFNetLib.atomic import atomic_output, raise_if_no_space
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:  # beside the target, permissions from the umask
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except (RuntimeError, OSError) as exc:  # torch reports a full disk as a RuntimeError
+            raise_if_no_space(exc, tmp, path)
+            raise
     return path
 
 

@@ -291,7 +291,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
         try:
             sitk.WriteImage(image, str(tmp), useCompression=bool(compress) or suffix == ".nii.gz")
         except RuntimeError as exc:
-            raise_if_no_space(exc, tmp)  # a full disk is a runtime failure (OSError), not bad input
+            raise_if_no_space(exc, tmp, path)  # a full disk is a runtime failure (OSError), not bad input
             raise VolumeError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
 
 

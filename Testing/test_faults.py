@@ -12,15 +12,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -334,3 +337,106 @@ def test_training_killed_at_random_moments_resumes_and_completes(tiny_cohort: Pa
     history = json.loads((run / "log.json").read_text())
     epochs = [h.get("epoch") for h in history]
     assert epochs == sorted(set(epochs)) and len(epochs) == 4, f"epochs logged: {epochs}"
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk through the command line: exit status 1 and one line, in predict and in train
+#
+# Real where the machine allows: a tmpfs of a few hundred kilobytes (mounting needs root), filled up.
+# Elsewhere a file-size limit (RLIMIT_FSIZE, EFBIG) stands in for it.
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str):
+    """A real, tiny file system mounted at ``folder`` (yields True), or yields False where mounting is
+    not allowed (not root, no mount command): the caller then limits the file size instead."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = False
+    if os.environ.get("MMCAFNET_TEST_NO_MOUNT") != "1" and hasattr(os, "geteuid") and os.geteuid() == 0 \
+            and shutil.which("mount"):
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        mounted = proc.returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill_disk(folder: Path, leave: int = 4096) -> None:
+    """Fill the file system of ``folder`` until writing fails, then free ``leave`` bytes."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while fh.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+def _limited_files(limit: Optional[int]):
+    """preexec_fn: files larger than ``limit`` bytes cannot be written (EFBIG, standing in for ENOSPC)."""
+    import resource
+
+    def apply() -> None:
+        if limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _run_cli(args: list[str], cwd: Path, limit: Optional[int] = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "MMCAFNetLib.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600, preexec_fn=_limited_files(limit))
+
+
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, stderr[-3000:]
+    assert "space" in errors[0].lower() or "too large" in errors[0].lower(), errors[0]
+    return errors[0]
+
+
+def test_a_full_disk_in_predict_exits_1_with_one_line_and_keeps_the_earlier_results(tmp_path: Path,
+                                                                                    predictor_path: Path) -> None:
+    from MMCAFNetLib.volume import write_volume
+
+    write_volume(phantom(), tmp_path / "ct.nrrd")
+    disk = tmp_path / "disk"
+    with small_disk(disk, "2m") as real:
+        out = disk / "out"
+        args = ["predict", "--checkpoint", str(predictor_path), "--input", str(tmp_path / "ct.nrrd"), "--out",
+                str(out), "--point", "5", "0", "0", "--no-preview"]
+        first = _run_cli(args, tmp_path)
+        assert first.returncode == 0, first.stderr[-3000:]
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert (out / "prediction.json").stat().st_size < 4096 < (out / "heatmap.nrrd").stat().st_size
+        if real:
+            fill_disk(disk)  # room for prediction.json, not for the volumes: a volume write fails
+        proc = _run_cli([*args, "--threshold", "0.3"], tmp_path, limit=None if real else 4096)
+        assert proc.returncode == 1, f"exit status {proc.returncode} (real disk: {real}): {proc.stderr[-3000:]}"
+        _one_error_line(proc.stderr)
+        after = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert after == before, "the earlier results were changed by a failed run"
+        assert sorted(p.name for p in disk.iterdir() if p.name != "filler.bin") == ["out"], "temporary files left"
+
+
+def test_a_full_disk_in_train_exits_1_with_one_line(tiny_cohort: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": "mmcafnet-lite", "model_overrides": TINY_MODEL, "preset": TINY_PRESET,
+                                  "epochs": 1, "batch_size": 2, "progress": False}))
+    disk = tmp_path / "disk"
+    with small_disk(disk, "200k") as real:  # config.json fits, a checkpoint (~190 kB) does not
+        out = disk / "run"
+        proc = _run_cli(["train", "--cohort", str(tiny_cohort), "--out", str(out), "--config", str(config),
+                         "--no-progress", "--cache", str(tmp_path / "cache")], tmp_path,
+                        limit=None if real else 150 * 1024)
+        assert proc.returncode == 1, f"exit status {proc.returncode} (real disk: {real}): {proc.stderr[-3000:]}"
+        _one_error_line(proc.stderr)
+        leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")] if out.exists() else []
+        assert leftovers == [], f"temporary files left behind: {leftovers}"
