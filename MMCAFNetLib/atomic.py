@@ -174,10 +174,31 @@ def make_staging_folder(destination: str | os.PathLike, suffix: str = ".partial"
     destination = Path(destination)
     parent = destination.parent if str(destination.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_publish(destination)
     remove_stale(parent, destination.name)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(destination.name), suffix=suffix, dir=parent))
     follow_umask(tmp, directory=True)
     return tmp
+
+
+def recover_interrupted_publish(destination: str | os.PathLike) -> bool:
+    """Put the previous set back when a publish was killed between its two renames (systems without
+    an atomic exchange): the destination is missing and a dead writer's ``.old`` folder holds it."""
+    destination = Path(destination)
+    if destination.exists():
+        return False
+    parent = destination.parent if str(destination.parent) else Path(".")
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return False
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if (match and match.group("name") == destination.name and match.group("suffix") == ".old"
+                and entry.is_dir(follow_symlinks=False) and not _pid_alive(int(match.group("pid")))):
+            os.replace(entry.path, destination)
+            return True
+    return False
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -225,7 +246,11 @@ def publish_folder(staged: str | os.PathLike, destination: str | os.PathLike,
         os.replace(staged, old)  # the staged name now holds the old set
     else:
         os.replace(destination, old)
-        os.replace(staged, destination)
+        try:
+            os.replace(staged, destination)
+        except BaseException:  # put the earlier set back (after a kill, the next run does: recover_...)
+            os.replace(old, destination)
+            raise
     for entry in os.scandir(old):  # folders not ours (e.g. other cases of a batch) move over
         if entry.name not in managed and entry.is_dir(follow_symlinks=False) and not (destination / entry.name).exists():
             os.replace(entry.path, destination / entry.name)
