@@ -52,6 +52,8 @@ class ModelEntry:
     #: the checkpoint's whole clinical schema (catalog: Models.json; user models: their sidecar), so the
     #: Slicer form is built without reading the checkpoint, i.e. before torch is installed
     schema_spec: Optional[dict[str, Any]] = None
+    #: the file's size in bytes as the catalog declares it: a download stops past it (plus a margin)
+    size: Optional[int] = None
 
     @property
     def downloadable(self) -> bool:
@@ -90,7 +92,10 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> ModelEntry:
             f"{where}: model {data['id']!r} schema_spec must be a clinical schema whose fields are exactly "
             f"its 'schema' list {data['schema']}"
         )
-    known = set(_REQUIRED) | {"file", "url", "description", "schema_spec"}
+    size = data.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+        raise CatalogError(f"{where}: model {data['id']!r} size must be a positive number of bytes, got {size!r}")
+    known = set(_REQUIRED) | {"file", "url", "description", "schema_spec", "size"}
     return ModelEntry(
         id=str(data["id"]),
         title=str(data["title"]),
@@ -105,6 +110,7 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> ModelEntry:
         description=str(data.get("description", "")),
         extra={k: v for k, v in data.items() if k not in known},
         schema_spec=spec,
+        size=size,
     )
 
 
@@ -320,6 +326,11 @@ def _register(path: Path, title: Optional[str], facts: Optional[dict[str, Any]] 
 MAX_ARCHIVE_CHECKPOINT_BYTES = 4 << 30
 
 
+def flat_member_name(name: str) -> str:
+    """The file name of an archive member without its folders ("models/v2/m.pt" -> "m.pt")."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
 def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike,
                     max_bytes: int = MAX_ARCHIVE_CHECKPOINT_BYTES) -> Path:
     """Extract the one checkpoint a zip holds into ``folder`` and return its path.
@@ -344,20 +355,22 @@ def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike,
                 )
             if (member.external_attr >> 16) & 0o170000 == 0o120000:
                 raise CatalogError(f"{name}: member {member.filename!r} is a symbolic link; refused")
-        checkpoints = [m for m in members if Path(m.filename).suffix in CHECKPOINT_SUFFIXES]
+        checkpoints = [m for m in members if Path(flat_member_name(m.filename)).suffix in CHECKPOINT_SUFFIXES]
         if len(checkpoints) != 1:
             raise CatalogError(f"{name} must hold exactly one .pt checkpoint; it holds {len(checkpoints)}")
         member = checkpoints[0]
         if member.file_size > max_bytes:
             raise CatalogError(f"{name}: {member.filename!r} is larger than {max_bytes / 2**30:.1f} GiB, more than "
                                "any MMCAF-Net checkpoint; the archive is refused")
-        target = root / member.filename
+        # flattened: a checkpoint in a sub-folder of the archive lands directly in the models folder,
+        # where it is listed and cleared like any other
+        target = root / flat_member_name(member.filename)
         if target.exists():
             raise CatalogError(
                 f"{name}: a model file {member.filename!r} is already in the models folder; remove that model "
                 "first or rename the checkpoint inside the archive"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         with atomic_output(target) as tmp, zf.open(member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return target
@@ -410,10 +423,18 @@ def download_model(
     try:
         digest = hashlib.sha256()
         opener = urllib.request.build_opener(_redirect_guard(allow_http))
+        limit = download_limit(entry)
         with os.fdopen(fd, "wb") as out, opener.open(entry.url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0)
+            try:
+                total = int(response.headers.get("Content-Length") or 0)
+            except ValueError:
+                total = 0
+            if total > limit:
+                raise CatalogError(_too_large(entry, limit, f"the server announces {total} bytes"))
             done = 0
             for block in iter(lambda: response.read(1 << 20), b""):
+                if done + len(block) > limit:
+                    raise CatalogError(_too_large(entry, limit, f"the server sent more than {limit} bytes"))
                 out.write(block)
                 digest.update(block)
                 done += len(block)
@@ -430,6 +451,25 @@ def download_model(
         raise
     _write_json(_sidecar(target), {**entry.to_dict(), "id": target.stem})
     return target
+
+
+#: What a download may exceed the catalog's declared size by (servers may add nothing, but a catalog
+#: entry rounded by hand should still download).
+DOWNLOAD_MARGIN_BYTES = 1 << 20
+DOWNLOAD_MARGIN_FRACTION = 0.01
+
+
+def download_limit(entry: ModelEntry) -> int:
+    """Bytes a download of ``entry`` may reach: its declared size plus a margin, else the archive cap."""
+    if entry.size:
+        return int(entry.size) + max(DOWNLOAD_MARGIN_BYTES, int(entry.size * DOWNLOAD_MARGIN_FRACTION))
+    return MAX_ARCHIVE_CHECKPOINT_BYTES
+
+
+def _too_large(entry: ModelEntry, limit: int, what: str) -> str:
+    declared = f"the catalog declares {entry.size} bytes" if entry.size else "the catalog declares no size"
+    return (f"download of {entry.url} stopped: {what}, but {declared} (limit {limit} bytes); nothing was kept. "
+            "The server or the catalog entry is wrong.")
 
 
 def clear_models_folder(models_dir: str | os.PathLike | None = None) -> int:

@@ -440,3 +440,27 @@ def test_a_full_disk_in_train_exits_1_with_one_line(tiny_cohort: Path, tmp_path:
         _one_error_line(proc.stderr)
         leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")] if out.exists() else []
         assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+# ---------------------------------------------------------------------------------------------
+# an epoch ending with a batch of one sample (BatchNorm cannot train on it)
+
+
+def test_a_single_sample_remainder_batch_is_left_out_not_a_crash(tiny_cohort: Path, tmp_path: Path) -> None:
+    """6 training patients, batch size 5: the last batch would hold one sample ([1, 24] into BatchNorm1d)."""
+    import pandas as pd
+
+    from MMCAFNetLib.train import loop
+    from MMCAFNetLib.train.config import resolve_config
+
+    n_train = int((pd.read_csv(tiny_cohort)["split"] == "train").sum())
+    config = resolve_config("default", None, None, {
+        "model": "mmcafnet-lite", "model_overrides": dict(TINY_MODEL), "preset": dict(TINY_PRESET), "epochs": 1,
+        "batch_size": n_train - 1, "progress": False, "seed": 1})
+    summary = loop.train(config, tiny_cohort, tmp_path / "run")
+    assert summary.get("epochs_completed") == 1
+    load_checkpoint(tmp_path / "run" / "last.pt")
+    remainder = loop.single_sample_remainder
+    assert remainder(6, 5) and remainder(5, 2) and not remainder(6, 4) and not remainder(7, 1)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        remainder(1, 4)

@@ -147,7 +147,7 @@ def test_archives_are_extracted_only_inside_the_models_folder(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.pt")
     models = tmp_path / "models"
     entry = mc.add_model_from_file(make_zip(tmp_path / "good.zip", {"inner/m.pt": ckpt}), models)
-    assert Path(entry.file) == models / "inner" / "m.pt"
+    assert Path(entry.file) == models / "m.pt"  # flattened into the models folder
 
     with pytest.raises(mc.CatalogError, match="outside the models folder"):
         mc.add_model_from_file(make_zip(tmp_path / "evil.zip", {"../escaped.pt": ckpt}), models)
@@ -294,3 +294,63 @@ def test_the_clinical_form_asks_for_the_models_own_schema(tmp_path):
     remote = entry_for(path, "https://example.org/model.pt")
     assert sl.form_schema(remote, tmp_path / "empty").field_names == ["sex", "age"]
     assert sl.form_schema(None).field_names == default.field_names
+
+
+def test_a_checkpoint_in_a_sub_folder_of_an_archive_is_flattened_listed_and_cleared(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.pt")
+    models = tmp_path / "models"
+    for n, name in enumerate(("release/v2/model-a.pt", "release\\model-b.pt")):
+        entry = mc.add_model_from_file(make_zip(tmp_path / f"nested{n}.zip", {name: ckpt}), models)
+        flat = models / name.replace("\\", "/").rsplit("/", 1)[-1]
+        assert Path(entry.file) == flat and flat.is_file()
+    assert [p.name for p in models.iterdir() if p.is_dir()] == [], "no sub-folder is created"
+    assert sorted(Path(e.file).name for e in mc.user_models(models)) == ["model-a.pt", "model-b.pt"]
+    assert mc.clear_models_folder(models) >= 2
+    assert list(models.iterdir()) == []
+
+
+class _NoLengthHandler(http.server.BaseHTTPRequestHandler):
+    """Streams ``body`` without a Content-Length header (a server that does not say how much comes)."""
+
+    body = b""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        for start in range(0, len(self.body), 1 << 16):
+            self.wfile.write(self.body[start:start + (1 << 16)])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "no-content-length"])
+def test_a_download_stops_at_the_declared_size_plus_a_margin(tmp_path, local_http, announced):
+    root, base = local_http
+    body = bytes(3 << 20)  # 3 MiB where the catalog declares 1000 bytes
+    (root / "model.pt").write_bytes(body)
+    url = f"{base}/model.pt"
+    server = None
+    if not announced:
+        handler = type("Handler", (_NoLengthHandler,), {"body": body})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/model.pt"
+    entry = mc.parse_entry({
+        "id": "remote-model", "title": "Remote", "version": "1.0", "url": url, "sha256": "0" * 64, "size": 1000,
+        "classes": ["A", "G"], "schema": ["sex", "age"], "licence": "CC-BY-4.0", "demo": False,
+    })
+    assert mc.download_limit(entry) == 1000 + (1 << 20)
+    models = tmp_path / "models"
+    seen = []
+    try:
+        with pytest.raises(mc.CatalogError, match="declares 1000 bytes"):
+            mc.download_model(entry, models, allow_http=True, progress=lambda d, t: seen.append(d))
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    assert not any(models.iterdir()), "nothing is kept"
+    assert not seen or seen[-1] <= mc.download_limit(entry)
+    with pytest.raises(mc.CatalogError, match="size"):
+        mc.parse_entry({**entry.to_dict(), "size": -5})

@@ -258,7 +258,7 @@ def _parse_strictly(path: Path) -> None:
 
 @pytest.mark.slow
 def test_every_json_file_the_command_line_writes_is_strict_json(tmp_path: Path) -> None:
-    """synth, index, train (a tiny run), evaluate on a two-patient split (metrics not computable:
+    """synth, index, train (a tiny run), evaluate on a one-patient split (metrics not computable:
     NaN before), predict, demo, info --json: every .json they write parses strictly."""
     from test_faults import TINY_MODEL, TINY_PRESET
 
@@ -271,12 +271,15 @@ def test_every_json_file_the_command_line_writes_is_strict_json(tmp_path: Path) 
         assert proc.returncode == 0, f"{args[0]}: {proc.stderr[-3000:]}"
         return proc
 
-    cli("synth", str(tmp_path / "data"), "--patients", "6", "--seed", "1", "--size", "48")
+    cli("synth", str(tmp_path / "data"), "--patients", "8", "--seed", "1", "--size", "48", "--classes", "A,G",
+        "--no-extra-series", "--no-progress")
     cli("index", str(tmp_path / "data"), "--out", str(tmp_path / "cohort.csv"))
     import pandas as pd
 
     cohort = pd.read_csv(tmp_path / "cohort.csv")
-    cohort["split"] = ["train", "train", "train", "val", "test", "test"][: len(cohort)]
+    rank = cohort.groupby("label").cumcount()  # the test split is one A patient: one class, no AUC
+    test = (rank == 3) & (cohort["label"] == "A")
+    cohort["split"] = np.where(test, "test", np.where(rank == 2, "val", "train"))
     cohort.to_csv(tmp_path / "cohort.csv", index=False)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model": "mmcafnet-lite", "model_overrides": TINY_MODEL, "preset": TINY_PRESET,
@@ -285,7 +288,7 @@ def test_every_json_file_the_command_line_writes_is_strict_json(tmp_path: Path) 
         "--no-progress")
     checkpoint = next(p for p in (tmp_path / "run").glob("*.pt"))
     evaluated = cli("evaluate", "--checkpoint", str(checkpoint), "--cohort", str(tmp_path / "cohort.csv"), "--split",
-                    "val", "--out", str(tmp_path / "report"), "--no-progress")
+                    "test", "--out", str(tmp_path / "report"), "--no-progress")
     loads_strict(evaluated.stdout[evaluated.stdout.index("{"):])
     ct = next((tmp_path / "data").rglob("*.dcm")).parent
     cli("predict", "--checkpoint", str(checkpoint), "--input", str(ct), "--out", str(tmp_path / "pred"),
@@ -299,4 +302,15 @@ def test_every_json_file_the_command_line_writes_is_strict_json(tmp_path: Path) 
     for path in files:
         _parse_strictly(path)
     metrics = loads_strict((tmp_path / "report" / "metrics.json").read_text())
-    assert metrics.get(NONFINITE_NOTE_KEY), "a one-patient split should have metrics that cannot be computed"
+    assert metrics.get(NONFINITE_NOTE_KEY), "a one-class split has metrics that cannot be computed"
+
+
+def test_an_evaluation_of_a_one_class_split_writes_strict_json(tmp_path: Path) -> None:
+    """Two patients of one class: AUC and the class-wise rates are undefined (NaN before the strict writer)."""
+    from MMCAFNetLib.evaluate.report import evaluate_patients, write_report
+
+    metrics = evaluate_patients(["P1", "P2"], [1, 1], np.array([[0.3, 0.7], [0.6, 0.4]]), ["A", "G"], 0.5)
+    assert any(isinstance(v, float) and v != v for v in metrics.values()), "expected undefined metrics"
+    write_report(metrics, tmp_path / "report", "tiny", "model")
+    parsed = loads_strict((tmp_path / "report" / "metrics.json").read_text())
+    assert parsed[NONFINITE_NOTE_KEY] and all(": nan" in n for n in parsed[NONFINITE_NOTE_KEY])
