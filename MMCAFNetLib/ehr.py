@@ -660,10 +660,9 @@ def read_clinical_sheet(
     schema = schema or default_schema()
     suffix = path.suffix.lower()
     if suffix in (".xlsx", ".xlsm", ".xls"):
-        try:
-            sheets = pd.read_excel(path, sheet_name=None, dtype=object)
-        except ImportError as exc:
-            raise ImportError(f"reading {path.name} needs openpyxl: pip install openpyxl ({exc})") from exc
+        from MMCAFNetLib.table_files import read_excel_file
+
+        sheets = read_excel_file(path, sheet_name=None, dtype=object)
         if sheet_name is not None:
             if sheet_name not in sheets:
                 raise ValueError(f"{path.name} has no sheet {sheet_name!r}; sheets: {list(sheets)}")
@@ -672,7 +671,9 @@ def read_clinical_sheet(
             by_key = {_header_key(k): k for k in sheets}
             raw = sheets[by_key.get("clinical data", next(iter(sheets)))]
     elif suffix in (".csv", ".tsv", ".txt"):
-        raw = pd.read_csv(path, dtype=object, sep=None if suffix != ".csv" else ",", engine="python", encoding="utf-8-sig")
+        from MMCAFNetLib.table_files import read_csv_file
+
+        raw = read_csv_file(path, dtype=object, sep=None if suffix != ".csv" else ",", engine="python", encoding="utf-8-sig")
     else:
         raise ValueError(f"clinical sheet must be .xlsx or .csv, got {path.name}")
 

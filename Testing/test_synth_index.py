@@ -54,3 +54,50 @@ def test_synth_then_index_command(written, tmp_path, capsys):
     assert set(cohort["split"]) <= {"train", "val", "test"} and len(cohort) == len(written.patients)
     fitted = default_schema().fit(cohort[cohort["split"] == "train"])
     assert fitted.encode(cohort).shape == (len(cohort), 7)
+
+
+def test_a_file_location_leading_outside_the_download_is_refused_with_one_warning_per_row(tmp_path):
+    """metadata.csv is data from the internet: its File Location must not lead the indexer (and then
+    training) into folders outside the download."""
+    small = synthetic.write_cohort(tmp_path / "data", patients=4, seed=3, size=32, classes="A,G", extra_series=False)
+    meta_path = small.root / "metadata.csv"
+    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+    first = meta.index[0]
+    original = small.root / meta.loc[first, "File Location"].replace("\\", "/").removeprefix("./")
+    outside = tmp_path / "outside" / "series"
+    outside.parent.mkdir()
+    original.rename(outside)  # a real CT series, but outside the download
+    (small.root / "link-out").symlink_to(tmp_path / "outside", target_is_directory=True)
+    meta = pd.concat([meta, meta.loc[[first]], meta.loc[[first]]], ignore_index=True)
+    meta.loc[first, "File Location"] = "./../outside/series"
+    meta.loc[len(meta) - 2, "File Location"] = str(outside)  # an absolute path
+    meta.loc[len(meta) - 1, "File Location"] = "./link-out/series"  # a link leading out
+    meta.to_csv(meta_path, index=False)
+    lines: list[str] = []
+    result = index_download(small.root, seed=0, progress=False, sink=lines.append)
+    outside_lines = [line for line in lines if "leads outside the download" in line]
+    assert len(outside_lines) == 3, lines
+    assert all("metadata.csv row" in line for line in outside_lines)
+    assert result.report.skipped["series folder outside the download"] == 3
+    assert not any(str(outside) in str(p) for p in result.cohort["series_path"])
+    assert len(result.cohort) == 3  # the patient whose only series is outside is skipped
+
+
+@pytest.mark.parametrize("damage", ["binary", "ragged", "not-utf8"])
+def test_unreadable_tables_are_named_in_the_error(tmp_path, damage):
+    from MMCAFNetLib.dataset import read_metadata
+    from MMCAFNetLib.ehr import read_clinical_sheet
+    from MMCAFNetLib.table_files import TableFileError
+
+    data = {"binary": bytes(range(256)) * 8, "ragged": b'a,b\n1,2\n1,2,3,4\n"unclosed\n',
+            "not-utf8": "Series UID,Subject ID\n\xe9t\xe9,x\n".encode("latin-1")}[damage]
+    for name, reader in (("metadata.csv", read_metadata), ("clinical.csv", read_clinical_sheet),
+                         ("cohort.csv", read_cohort)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as info:
+            reader(path)
+        assert str(path) in str(info.value) or path.name in str(info.value), (name, str(info.value))
+    (tmp_path / "clinical.xlsx").write_bytes(data)
+    with pytest.raises(TableFileError, match=r"clinical\.xlsx"):
+        read_clinical_sheet(tmp_path / "clinical.xlsx")

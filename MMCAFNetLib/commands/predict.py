@@ -202,9 +202,9 @@ def read_clinical_file(path: str | os.PathLike, row: Optional[str] = None) -> di
             )
         return {k: v for k, v in data.items() if v is not None}
     if path.suffix.lower() in (".csv", ".tsv"):
-        import pandas as pd
+        from MMCAFNetLib.table_files import read_csv_file
 
-        df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False)
+        df = read_csv_file(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False)
         rows = df.to_dict(orient="records")
         return {k: v for k, v in _pick_row(rows, row, path).items() if v not in ("", None)}
     raise UsageError(f"clinical file {path}: use .json or .csv")
@@ -268,9 +268,9 @@ def list_batch_cases(batch: str | os.PathLike) -> list[dict[str, Any]]:
         return cases
     if not batch.is_file():
         raise FileNotFoundError(f"batch list not found: {batch}")
-    import pandas as pd
+    from MMCAFNetLib.table_files import read_csv_file
 
-    df = pd.read_csv(batch, dtype=str, keep_default_na=False)
+    df = read_csv_file(batch, dtype=str, keep_default_na=False)
     input_col = next((c for c in INPUT_COLUMNS if c in df.columns), None)
     if input_col is None:
         raise UsageError(f"{batch} needs a column naming each CT: one of {', '.join(INPUT_COLUMNS)}")

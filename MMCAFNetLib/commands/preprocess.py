@@ -29,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
 
     from MMCAFNetLib.cache import PreprocessCache
     from MMCAFNetLib.cli import UsageError
@@ -46,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     cohort_path = Path(args.cohort)
     if not cohort_path.is_file():
         raise FileNotFoundError(f"cohort table not found: {cohort_path} (create it with: mmcafnet index ROOT --out {cohort_path.name})")
-    df = pd.read_csv(cohort_path, dtype={"series_path": str, "series_uid": str, "patient_id": str})
+    from MMCAFNetLib.table_files import read_csv_file
+
+    df = read_csv_file(cohort_path, dtype={"series_path": str, "series_uid": str, "patient_id": str})
     missing = [c for c in ("patient_id", "series_path") if c not in df.columns]
     if missing:
         raise UsageError(f"{cohort_path} is not a cohort table: missing column(s) {missing}")

@@ -9,6 +9,7 @@ import pandas as pd
 from MMCAFNetLib.atomic import atomic_output
 from MMCAFNetLib.ehr import PAPER_FIELDS, ClinicalSchema
 from MMCAFNetLib.results import CLASS_LABELS
+from MMCAFNetLib.table_files import read_csv_file
 
 BOX_IJK_COLUMNS = (
     "box_ijk_min_i",
@@ -58,7 +59,7 @@ def read_cohort(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cohort table not found: {path} (create it with: mmcafnet index ROOT --out {path.name})")
-    header = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns.tolist()
+    header = read_csv_file(path, nrows=0, encoding="utf-8-sig").columns.tolist()
     fields = schema.field_names if schema is not None else [f for f in PAPER_FIELDS if f in header]
     required = cohort_columns(fields)
     missing = [c for c in required if c not in header]
@@ -69,7 +70,7 @@ def read_cohort(
         continuous = {f.name for f in schema.fields if f.kind == "continuous"}
     dtypes = {c: str for c in fields if c not in continuous}
     dtypes.update({"patient_id": str, "label": str, "series_path": str, "series_uid": str, "split": str})
-    df = pd.read_csv(path, dtype=dtypes, encoding="utf-8-sig")
+    df = read_csv_file(path, dtype=dtypes, encoding="utf-8-sig")
     if df.empty:
         raise ValueError(f"{path}: the cohort table has no patients")
     if df["patient_id"].duplicated().any():

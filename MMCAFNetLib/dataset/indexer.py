@@ -125,6 +125,9 @@ def index_download(
     schema = schema or default_schema()
     report = IndexReport(sink=sink)
     meta = read_metadata(root / "metadata.csv")
+    for problem in meta.attrs.get("warnings", []):
+        report.warn("series folder outside the download", problem)
+    meta = meta[meta["location_ok"]]
     sheet_path = Path(clinical) if clinical is not None else find_clinical_sheet(root)
     sheet = read_sheet_into_report(sheet_path, schema, report)
     sheet_by_id = {row["patient_id"]: row for row in sheet.to_dict(orient="records")}

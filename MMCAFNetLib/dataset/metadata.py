@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from MMCAFNetLib.table_files import read_csv_file
+
 #: The 17 columns of an NBIA metadata.csv, in order.
 METADATA_COLUMNS = (
     "Series UID",
@@ -59,7 +61,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
         path = path / "metadata.csv"
     if not path.is_file():
         raise FileNotFoundError(f"metadata.csv not found: {path} (the NBIA Data Retriever writes it at the download root)")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    df = read_csv_file(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in METADATA_COLUMNS if c not in df.columns]
     if missing:
@@ -73,9 +75,20 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     def _absolute(location: str) -> str:
         rel = location.replace("\\", "/")
         rel = rel[2:] if rel.startswith("./") else rel
-        return str((root / rel) if rel else root)
+        return str((root / rel).resolve() if rel else root)
 
     df["series_dir"] = df["File Location"].map(_absolute)
+    # a File Location that leads outside the download (``..``, an absolute path, a link out) is not
+    # followed: its series_dir is empty and the reason is listed, one line per row
+    inside = df["series_dir"].map(lambda p: Path(p) == root or root in Path(p).parents)
+    problems = [
+        f"{path.name} row {n + 2} (series {uid or '?'}): File Location {location!r} leads outside the download "
+        f"folder {root}; the series is not read"
+        for n, (uid, location, ok) in enumerate(zip(df["Series UID"], df["File Location"], inside)) if not ok
+    ]
+    df.loc[~inside, "series_dir"] = ""
+    df["location_ok"] = inside
+    df.attrs["warnings"] = problems
     df["is_ct_image"] = (df["SOP Class UID"] == CT_IMAGE_STORAGE_UID) | (df["SOP Class Name"] == CT_IMAGE_STORAGE_NAME)
     return df
 
