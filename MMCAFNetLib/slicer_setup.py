@@ -23,8 +23,9 @@ from typing import Any, Callable, Optional
 MIN_TORCH_VERSION = "2.1"
 TORCH_REQUIREMENT = f">={MIN_TORCH_VERSION}"
 #: Packages installed with pip at the first Apply. Not torch (the PyTorch extension picks the build
-#: that matches the GPU driver), and not what Slicer ships: numpy, SimpleITK, pydicom.
-PIP_REQUIREMENTS = {"pandas": "pandas>=1.5"}
+#: that matches the GPU driver), and not what Slicer ships: numpy, SimpleITK, pydicom. highdicom writes
+#: the DICOM SEG and Parametric Map of a result (the same outputs as the command line's).
+PIP_REQUIREMENTS = {"pandas": "pandas>=1.5", "highdicom": "highdicom>=0.22"}
 #: Slicer's own distributions, pinned to their installed versions so pip never replaces them.
 SLICER_PINNED = ("numpy", "SimpleITK", "pydicom")
 REQUIRED_PACKAGES = ("torch", *PIP_REQUIREMENTS)

@@ -142,7 +142,7 @@ def test_a_failed_rerun_keeps_the_previous_result(ckpt, ct_file, case, tmp_path)
     before = (out / "prediction.json").read_bytes()
     assert main([*args[:-3], "9999", "0", "0"]) == 2
     assert (out / "prediction.json").read_bytes() == before
-    assert sorted(os.listdir(out)) == ["heatmap.nrrd", "labelmap.nrrd", "prediction.json"]
+    assert sorted(os.listdir(out)) == sorted(set(OUTPUT_FILES) - {"preview.png"})
 
 
 def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path) -> None:
@@ -210,7 +210,10 @@ def test_demo_writes_the_files_and_names_the_true_class(tmp_path, capsys) -> Non
     demo_ckpt = write_untrained_checkpoint(tmp_path / "demo.pt", demo=True)
     out = tmp_path / "demo-out"
     assert main(["demo", "--out", str(out), "--checkpoint", str(demo_ckpt), "--size", "96", "--label", "G"]) == 0
-    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)
+    assert sorted(os.listdir(out)) == sorted([*OUTPUT_FILES, "ct.nrrd"])  # the CT too: a self-contained folder
+    ct = read_volume(out / "ct.nrrd")
+    assert same_geometry(ct, read_volume(out / "heatmap.nrrd")) and ct.array.min() < -500 < ct.array.max()
+    np.testing.assert_array_equal(ct.array, make_case("G", 2025, 96).volume.array)
     text = capsys.readouterr().out
     assert "true class G" in text and "predicted:" in text and str(out) in text
     info = json.loads((out / "prediction.json").read_text())
@@ -228,7 +231,7 @@ def test_demo_without_the_bundled_model_says_so(tmp_path, monkeypatch, capsys) -
 
 
 def test_without_matplotlib_the_preview_is_skipped_with_a_message(tmp_path) -> None:
-    """matplotlib is not a run-time dependency: demo still writes the three other files."""
+    """matplotlib is not a run-time dependency: demo still writes the other files."""
     import subprocess
     import sys
 
@@ -240,5 +243,5 @@ def test_without_matplotlib_the_preview_is_skipped_with_a_message(tmp_path) -> N
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["heatmap.nrrd", "labelmap.nrrd", "prediction.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted({*OUTPUT_FILES, "ct.nrrd"} - {"preview.png"})
     assert "preview.png was not written" in run.stderr and "matplotlib" in run.stderr

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     written = write_outputs(result, case.volume, out, input_path=f"synthetic case {case.patient_id} (seed {args.seed})",
                             case_id=case.patient_id, record=predictor.schema.validate_record(case.record),
-                            preview_box_ras=case.lesion_box_ras)
+                            preview_box_ras=case.lesion_box_ras, write_ct=True)
     probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.class_names, result.probabilities))
     print(f"synthetic case {case.patient_id}: true class {label} ({_label(label)}), "
           f"lesion {case.lesion_diameter_mm:.0f} mm at RAS {tuple(round(v, 1) for v in case.lesion_center_ras)}")

@@ -1,4 +1,5 @@
-"""``mmcafnet predict``: classify a CT (or a batch of CTs) and write prediction, heatmap, labelmap, preview."""
+"""``mmcafnet predict``: classify a CT (or a batch of CTs) and write prediction, heatmap, labelmap, segmentation,
+preview, and for a DICOM series a DICOM SEG and Parametric Map."""
 
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     parser.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    parser.add_argument(
+        "--no-dicom", action="store_true",
+        help="for a DICOM series input, skip segmentation.dcm (DICOM SEG) and heatmap.dcm (Parametric Map)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,6 +121,7 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     write_outputs(
         result, volume, out, input_path=str(input_path), case_id=case_id,
         record=predictor.schema.validate_record(record), preview=not args.no_preview,
+        dicom=not getattr(args, "no_dicom", False),
     )
     return result
 
