@@ -224,3 +224,39 @@ def test_read_source_headers_follow_the_volume_slice_order() -> None:
     headers = read_source_headers(ct)
     assert [ds.SOPInstanceUID for ds in headers] == ct.meta["sop_instance_uids"]
     assert all("PixelData" not in ds for ds in headers)
+
+
+def test_a_resampled_oblique_series_gets_frames_on_the_volume_grid(tmp_path) -> None:
+    """Uneven slice spacing: the reader resamples onto a regular grid, so frames no longer sit on
+    source instances; they carry the volume's own positions and reference the whole source series."""
+    from test_volume_dicom import stored_ramp, write_series
+
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    orientation = (c, s, 0.0, -s, c, 0.0)  # rotated in-plane
+    normal = np.cross(orientation[:3], orientation[3:])
+    steps = np.array([0.0, 2.0, 4.0, 6.6, 8.0, 10.0, 12.0])
+    positions = np.array([-50.0, -60.0, 70.0]) + steps[:, None] * normal
+    write_series(tmp_path / "series", stored_ramp(k=7, rows=14, cols=12), orientation=orientation, positions=positions)
+    ct = read_volume(tmp_path / "series")
+    assert ct.meta["sop_instance_uids"] is None  # the premise: resampled
+    heat = np.zeros(ct.shape, np.float32)
+    heat[2:5, 4:9, 3:8] = 0.8
+    out = tmp_path / "out"
+    out.mkdir()
+    write_dicom_outputs(classification(ct, heat), ct, out)
+    seg, pm = read_both(out)
+    sources = source_headers(str(tmp_path / "series"))
+    for obj in (seg, pm):
+        check_common_references(obj, next(iter(sources.values())))
+        assert {r.ReferencedSOPInstanceUID for r in obj.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == set(sources)
+        shared = obj.SharedFunctionalGroupsSequence[0]
+        assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == pytest.approx(orientation, abs=1e-6)
+        assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == pytest.approx([0.7, 0.8], abs=1e-6)
+    ks = []
+    for position, frame in zip(frame_positions(seg), seg.pixel_array):
+        i, j, k = lattice_index(ct, position)
+        assert (i, j) == (0, 0)
+        np.testing.assert_array_equal(frame != 0, heat[k] >= 0.5)
+        ks.append(k)
+    assert sorted(ks) == [2, 3, 4]
+    assert {lattice_index(ct, p)[:2] for p in frame_positions(pm)} == {(3, 4)}

@@ -67,12 +67,26 @@ def read_source_headers(volume: Volume) -> list[Any]:
             continue
         uid = str(ds.get("SOPInstanceUID", ""))
         if uid in wanted and uid not in found:
-            found[uid] = ds
+            found[uid] = _with_type2_patient_study(ds)
     if not found:
         raise DicomOutputError(
             f"the source DICOM files of the CT are no longer in {source}; the DICOM outputs need them"
         )
     return [found[uid] for uid in sorted(found, key=lambda u: wanted[u])]
+
+
+#: Patient and study attributes a derived object copies and must have (type 2: present, may be empty);
+#: anonymised series often drop them, which highdicom refuses.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2_patient_study(ds: Any) -> Any:
+    """The header with the copied type-2 attributes present (empty when the source lacks them)."""
+    for keyword in TYPE2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
 
 
 def _lps_geometry(volume: Volume) -> tuple[np.ndarray, list[float], list[float], float]:
@@ -128,6 +142,24 @@ def algorithm_identification(result: Classification) -> Any:
     )
 
 
+def _accepts(cls: Any, keyword: str) -> bool:
+    """Whether this highdicom's ``cls`` takes ``keyword`` (newer releases add options; Slicer may hold
+    an older one, which must pair with its own pydicom)."""
+    import inspect
+
+    return keyword in inspect.signature(cls.__init__).parameters
+
+
+def _window(hd: Any) -> dict[str, Any]:
+    """The display window 0..1 (all levels): VOI LUT transformations where supported, else the older
+    window centre/width arguments."""
+    if _accepts(hd.pm.ParametricMap, "voi_lut_transformations") and hasattr(hd, "VOILUTTransformation"):
+        return {"voi_lut_transformations": [
+            hd.VOILUTTransformation(window_center=HEATMAP_LEVELS / 2, window_width=HEATMAP_LEVELS)
+        ]}
+    return {"window_center": HEATMAP_LEVELS / 2, "window_width": HEATMAP_LEVELS}
+
+
 def _class_rgb(result: Classification) -> tuple[float, float, float]:
     return next((c for v, _, c in CLASS_LABELS.values() if v == result.label_value), (0.6, 0.6, 0.6))
 
@@ -139,10 +171,15 @@ def _sources_for(volume: Volume, sources: list[Any], ks: np.ndarray) -> list[Any
     Passing only these keeps highdicom's per-source checks (the bulk of its time) to what the
     object references: the instances its frames were derived from, all of the one source series.
     """
-    uids = volume.meta.get("sop_instance_uids")
-    if uids and len(uids) == len(sources) == volume.shape[0]:
+    if _one_to_one(volume, sources):
         return [sources[int(k)] for k in ks]
     return sources
+
+
+def _one_to_one(volume: Volume, sources: list[Any]) -> bool:
+    """True when slice k of the volume is source instance k (not a series resampled onto a grid)."""
+    uids = volume.meta.get("sop_instance_uids")
+    return bool(uids) and len(uids) == len(sources) == volume.shape[0]
 
 
 def _nonzero_block(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -169,16 +206,22 @@ def build_segmentation(result: Classification, volume: Volume, sources: list[Any
     empty = ks.size == 0
     if empty:  # nothing above the threshold: one empty frame keeps the segment (and says so)
         ks = np.array([mask.shape[0] // 2])
-    measures, plane, positions = _geometry_content(volume, 0, 0, ks)
+    if _one_to_one(volume, sources):  # each frame lies on its source instance: highdicom takes the
+        geometry = {}  # geometry from there and links each frame to its instance (every release does)
+    else:
+        measures, plane, positions = _geometry_content(volume, 0, 0, ks)
+        geometry = {"pixel_measures": measures, "plane_orientation": plane, "plane_positions": positions}
     r, g, b = (round(255 * c) for c in _class_rgb(result))
+    colour = {"display_color": hd.color.CIELabColor.from_rgb(r, g, b)} if _accepts(
+        hd.seg.SegmentDescription, "display_color") and hasattr(hd.color.CIELabColor, "from_rgb") else {}
     segment = hd.seg.SegmentDescription(
+        **colour,
         segment_number=1,
         segment_label=result.predicted_label[:64],
         segmented_property_category=Code("49755003", "SCT", "Morphologically Altered Structure"),
         segmented_property_type=Code("108369006", "SCT", "Neoplasm"),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(result),
-        display_color=hd.color.CIELabColor.from_rgb(r, g, b) if hasattr(hd.color.CIELabColor, "from_rgb") else None,
     )
     seg = hd.seg.Segmentation(
         source_images=_sources_for(volume, sources, ks),
@@ -195,9 +238,7 @@ def build_segmentation(result: Classification, volume: Volume, sources: list[Any
         device_serial_number="none",
         content_label="MMCAFNET",
         content_description=f"Region driving the prediction: {result.predicted_label}"[:64],
-        pixel_measures=measures,
-        plane_orientation=plane,
-        plane_positions=positions,
+        **geometry,
         omit_empty_frames=not empty,
     )
     seg.SeriesDescription = f"MMCAF-Net region: {result.predicted_label}"[:64]
@@ -238,9 +279,7 @@ def build_parametric_map(result: Classification, volume: Volume, sources: list[A
         device_serial_number="none",
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[
-            hd.VOILUTTransformation(window_center=HEATMAP_LEVELS / 2, window_width=HEATMAP_LEVELS)
-        ],
+        **_window(hd),
         content_label="HEATMAP",
         content_description=f"MMCAF-Net heatmap, predicted {result.predicted_label}"[:64],
         pixel_measures=measures,
