@@ -323,6 +323,18 @@ class Panel:
         return record_from_dicom_database(volume_node, getattr(slicer, "dicomDatabase", None))
 
     @staticmethod
+    def load_results(folder: str, selected_ct: Any = None) -> str:
+        """The "Load results" button: a result folder onto the selected CT when its maps lie on that
+        CT's grid, else onto the CT the folder names (loaded); returns the panel's result line."""
+        from MMCAFNetLib import scene, slicer_logic
+        from MMCAFNetLib.inference.result_folder import is_batch_folder, read_result_folder
+
+        ct = None
+        if selected_ct is not None and not is_batch_folder(folder):
+            ct = selected_ct if scene.result_fits(selected_ct, read_result_folder(folder).result) else None
+        return slicer_logic.loaded_summary(slicer_logic.load_results(folder, ct))
+
+    @staticmethod
     def job_summary(job: Any) -> str:
         """The panel's result line for a finished job: cancelled, failed, or the class and its time."""
         from MMCAFNetLib.slicer_logic import result_summary
@@ -351,3 +363,13 @@ def add_demo_case(letter: str = "A", seed: int = 7, size: int = 64) -> tuple[Any
     point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Lesion")
     point.AddControlPoint(*[float(x) for x in case.lesion_center_ras])
     return ct, point, dict(case.record)
+
+
+def same_grid(node: Any, reference: Any) -> bool:
+    """Whether two volume nodes share size and IJK->RAS (outputs must lie on the CT's grid)."""
+    import numpy as np
+
+    from MMCAFNetLib.scene import node_ijk_to_ras
+
+    same_size = node.GetImageData().GetDimensions() == reference.GetImageData().GetDimensions()
+    return same_size and bool(np.allclose(node_ijk_to_ras(node), node_ijk_to_ras(reference), atol=1e-6))

@@ -119,7 +119,7 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     read_warnings = [str(w) for w in volume.meta.get("warnings") or []]
     result.warnings = read_warnings + [w for w in result.warnings if w not in read_warnings]
     write_outputs(
-        result, volume, out, input_path=str(input_path), case_id=case_id,
+        result, volume, out, input_path=str(Path(input_path).resolve()), case_id=case_id,
         record=predictor.schema.validate_record(record), preview=not args.no_preview,
         dicom=not getattr(args, "no_dicom", False),
     )
