@@ -145,7 +145,7 @@ def test_a_failed_rerun_keeps_the_previous_result(ckpt, ct_file, case, tmp_path)
     assert sorted(os.listdir(out)) == sorted(set(OUTPUT_FILES) - {"preview.png"})
 
 
-def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path) -> None:
+def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path, capsys) -> None:
     cases = tmp_path / "cts"
     cases.mkdir()
     other = make_case("A", 8, 96)
@@ -162,10 +162,12 @@ def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path) -> None:
     rows = []
     for name, c in (("p1", case), ("p2", other)):
         lo, hi = c.lesion_box_ras
-        rows.append({"patient_id": name, "series_path": str(cases / ("first.nrrd" if name == "p1" else "second.nii.gz")),
+        rows.append({"patient_id": name, "label": c.label,
+                     "series_path": str(cases / ("first.nrrd" if name == "p1" else "second.nii.gz")),
                      "box_ras_min_r": lo[0], "box_ras_min_a": lo[1], "box_ras_min_s": lo[2],
                      "box_ras_max_r": hi[0], "box_ras_max_a": hi[1], "box_ras_max_s": hi[2], **c.record})
-    rows.append({"patient_id": "p3", "series_path": str(tmp_path / "missing.nrrd")})
+    rows.append({"patient_id": "p3", "label": "B", "series_path": str(tmp_path / "missing.nrrd")})
+    rows.append({"patient_id": "p4", "label": "E", "series_path": str(cases / "first.nrrd")})
     table = tmp_path / "cases.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
     out2 = tmp_path / "batch2"
@@ -177,6 +179,15 @@ def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path) -> None:
     j1 = json.loads((out2 / "p1" / "prediction.json").read_text())
     np.testing.assert_allclose(j1["lesion_box_ras"], np.asarray(case.lesion_box_ras), atol=1e-3)
     assert summary.loc["p1", "probability"] == pytest.approx(j1["probability"], abs=1e-5)
+    # The decision threshold and the true class are in the summary; an A-vs-G model warns about B and E.
+    assert summary.loc["p1", "decision_threshold"] == pytest.approx(j1["decision_threshold"]) == 0.5
+    assert summary.loc["p1", "true_label"] == case.label == "G" and summary.loc["p2", "true_label"] == "A"
+    for name in ("p1", "p2"):
+        expected = summary.loc[name, "predicted_class"] == summary.loc[name, "true_label"]
+        assert str(summary.loc[name, "correct"]).lower() == str(bool(expected)).lower()
+    assert summary.loc["p4", "status"] == "ok" and pd.isna(summary.loc["p4", "correct"])  # E: never right
+    err = capsys.readouterr().err
+    assert "not trained on (1 of class B, 1 of class E)" in err and "knows only A, G" in err
 
 
 def test_predict_on_a_dicom_series_written_by_synth(ckpt, tmp_path) -> None:

@@ -28,6 +28,8 @@ CLINICAL_FLAGS = {
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
 INPUT_COLUMNS = ("input", "series_path", "path", "ct")
 ID_COLUMNS = ("case_id", "patient_id", "id")
+#: Columns holding a case's true class (a cohort table from ``mmcafnet index`` has "label").
+TRUE_LABEL_COLUMNS = ("label", "true_label", "true_class")
 BOX_COLUMNS = ("box_ras_min_r", "box_ras_min_a", "box_ras_min_s", "box_ras_max_r", "box_ras_max_a", "box_ras_max_s")
 POINT_COLUMNS = ("point_r", "point_a", "point_s")
 
@@ -274,6 +276,7 @@ def list_batch_cases(batch: str | os.PathLike) -> list[dict[str, Any]]:
     if input_col is None:
         raise UsageError(f"{batch} needs a column naming each CT: one of {', '.join(INPUT_COLUMNS)}")
     id_col = next((c for c in ID_COLUMNS if c in df.columns), None)
+    label_col = next((c for c in TRUE_LABEL_COLUMNS if c in df.columns), None)
     cases = []
     for n, row in enumerate(df.to_dict(orient="records")):
         path = Path(row[input_col])
@@ -286,8 +289,11 @@ def list_batch_cases(batch: str | os.PathLike) -> list[dict[str, Any]]:
             lesion = np.array([float(row[c]) for c in POINT_COLUMNS])
         record = {f: row[f] for f in CLINICAL_FLAGS.values() if row.get(f, "") != ""}
         case_id = row[id_col] if id_col and row[id_col] else f"case{n:04d}"
-        cases.append({"case_id": case_id, "input": str(path), "record": record, "lesion": lesion,
-                      "series_uid": row.get("series_uid") or None})
+        case = {"case_id": case_id, "input": str(path), "record": record, "lesion": lesion,
+                "series_uid": row.get("series_uid") or None}
+        if label_col:
+            case["true_label"] = str(row[label_col]).strip()
+        cases.append(case)
     if not cases:
         raise UsageError(f"{batch} lists no cases")
     ids = [c["case_id"] for c in cases]
@@ -305,11 +311,14 @@ def _run_batch(args: argparse.Namespace, predictor) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flag_record = {f: getattr(args, k) for k, f in CLINICAL_FLAGS.items() if getattr(args, k, None) is not None}
+    unknown = _warn_unknown_classes(cases, predictor.class_names)
     rows = []
     failures = 0
     for n, case in enumerate(cases, 1):
         print(f"[{n}/{len(cases)}] {case['case_id']}", file=sys.stderr)
         row: dict[str, Any] = {"case_id": case["case_id"], "input": case["input"], "out_dir": str(out / _safe(case["case_id"]))}
+        if "true_label" in case:
+            row["true_label"] = case["true_label"]
         try:
             record = dict(case["record"])
             if args.clinical:
@@ -320,9 +329,13 @@ def _run_batch(args: argparse.Namespace, predictor) -> int:
                 predictor, case["input"], out / _safe(case["case_id"]), record, case["lesion"], case_args,
                 case_id=case["case_id"], quiet=True,
             )
+            cut = result.model.get("decision_threshold")
             row.update(status="ok", predicted_class=result.predicted_class, predicted_label=result.predicted_label,
-                       probability=f"{result.probability:.6f}", windows=len(result.windows),
-                       seconds=f"{result.timings.get('total_s', 0.0):.2f}", error="")
+                       probability=f"{result.probability:.6f}",
+                       decision_threshold="" if cut is None else f"{float(cut):.6f}",
+                       windows=len(result.windows), seconds=f"{result.timings.get('total_s', 0.0):.2f}", error="")
+            if case.get("true_label"):
+                row["correct"] = "" if case["true_label"] in unknown else str(result.predicted_class == case["true_label"]).lower()
             for c, p in zip(result.class_names, result.probabilities):
                 row[f"p_{c}"] = f"{float(p):.6f}"
         except (ValueError, FileNotFoundError, NotADirectoryError, OSError, RuntimeError) as exc:
@@ -333,6 +346,24 @@ def _run_batch(args: argparse.Namespace, predictor) -> int:
     _write_summary(out / "summary.csv", rows)
     print(f"{len(cases) - failures}/{len(cases)} cases classified; summary: {out / 'summary.csv'}")
     return 0 if failures == 0 else 1
+
+
+def _warn_unknown_classes(cases: list[dict[str, Any]], class_names: list[str]) -> set[str]:
+    """Warn when the batch holds true classes the model was not trained on (an A-vs-G model given
+    small-cell or large-cell patients must call them A or G: those predictions cannot be right).
+    Returns the unknown classes."""
+    from collections import Counter
+
+    counts = Counter(c["true_label"] for c in cases if c.get("true_label") and c["true_label"] not in class_names)
+    if counts:
+        listed = ", ".join(f"{n} of class {letter}" for letter, n in sorted(counts.items()))
+        print(
+            f"warning: the batch holds patients of classes this model was not trained on ({listed}); the model "
+            f"knows only {', '.join(class_names)}, so it must call them one of those. Their 'correct' column is "
+            "left empty; leave them out, or use a model trained on all four classes (task ABEG).",
+            file=sys.stderr,
+        )
+    return set(counts)
 
 
 def _safe(case_id: str) -> str:
