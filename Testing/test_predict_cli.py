@@ -204,6 +204,9 @@ def test_predict_on_a_dicom_series_written_by_synth(ckpt, tmp_path) -> None:
     info = json.loads((out / "prediction.json").read_text())
     # Sex, age and weight came from the DICOM header.
     assert info["clinical_record"]["sex"] in ("M", "F") and info["clinical_record"]["age"] is not None
+    # ... and the output says so, with the values it took.
+    announced = [w for w in info["warnings"] if "taken from the DICOM header" in w]
+    assert announced and f"sex {info['clinical_record']['sex']}" in announced[0] and "--sex/--age" in announced[0]
 
 
 def test_info_shows_what_the_checkpoint_holds(ckpt, capsys) -> None:

@@ -106,7 +106,9 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     volume = read_volume(input_path, series_uid=getattr(args, "series_uid", None))
     if isinstance(lesion, (str, Path)):
         lesion = read_volume(lesion)
-    record = _with_header_values(dict(record or {}), volume)
+    given = dict(record or {})
+    record = _with_header_values(given, volume)
+    from_header = {k: v for k, v in record.items() if given.get(k) in (None, "") and v not in (None, "")}
     progress = None if quiet else _progress_printer()
     result = predictor.classify(
         volume,
@@ -120,6 +122,12 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     if progress is not None:
         print(file=sys.stderr)
     read_warnings = [str(w) for w in volume.meta.get("warnings") or []]
+    if from_header:
+        read_warnings.append(
+            "clinical values taken from the DICOM header: "
+            + ", ".join(f"{k} {_plain_value(v)}" for k, v in from_header.items())
+            + " (give --" + "/--".join(from_header) + " to use others)"
+        )
     result.warnings = read_warnings + [w for w in result.warnings if w not in read_warnings]
     write_outputs(
         result, volume, out, input_path=str(Path(input_path).resolve()), case_id=case_id,
@@ -129,8 +137,13 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     return result
 
 
+def _plain_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _with_header_values(record: dict[str, Any], volume) -> dict[str, Any]:
     """Fill sex, age and weight from the DICOM header when the user gave none (as the Slicer form does)."""
+    record = dict(record)
     for field, key in (("sex", "patient_sex"), ("age", "patient_age"), ("weight", "patient_weight")):
         value = volume.meta.get(key)
         if record.get(field) in (None, "") and value not in (None, ""):
