@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         num_resamples=args.bootstrap, seed=args.seed, small_lesion_mm=args.small_lesion_mm,
         batch_size=args.batch_size, progress=not args.no_progress, cache_dir=args.cache,
     )
+    for line in metrics.get("warnings") or []:
+        print(f"warning: {line}", file=sys.stderr)
     keys = ("auroc", "accuracy", "f1", "specificity", "sensitivity", "ppv", "npv", "macro_f1", "ece", "threshold")
     print(json.dumps({"report": f"{args.out}/report.md", **{k: metrics[k] for k in keys if k in metrics}}, indent=2))
     return 0
