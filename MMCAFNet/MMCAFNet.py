@@ -117,6 +117,7 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
         self.ui.clearModelsFolderButton.connect("clicked(bool)", self.onClearModelsFolder)
+        self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResults)
         self.ui.progressBar.setVisible(False)
         self.ui.demoWarningLabel.setVisible(False)
 
@@ -235,6 +236,13 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.showStatusMessage(f"Removed {removed} file(s) from the models folder", 3000)
             self.populateModels()
             self._selectModel(DEMO_MODEL_ID)
+
+    def onLoadResults(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Load an MMCAF-Net result folder")
+        if folder:
+            with slicer.util.tryWithErrorDisplay("The result folder could not be loaded.", waitCursor=True):
+                selected = self._parameterNode.inputVolume if self._parameterNode else None
+                self.ui.resultLabel.text = self.logic.panel.load_results(folder, selected)
 
     def buildClinicalForm(self, entry) -> None:
         """One row per field of the model's own schema; every field can stay 'unknown' (imputed)."""
@@ -371,20 +379,17 @@ class MMCAFNetLogic(ScriptedLoadableModuleLogic):
     def modelsFolder() -> str:
         """Where user models go: beside Slicer's user settings, where the panel can open and clear them."""
         from MMCAFNetLib.slicer_setup import models_folder
-
         return models_folder()
 
     @staticmethod
     def missingDependencies() -> list:
         from MMCAFNetLib.slicer_setup import missing_packages
-
         return missing_packages()
 
     @staticmethod
     def ensureDependencies():
         """Install what is missing after asking (torch via the PyTorch extension); a SetupOutcome, never raises."""
         from MMCAFNetLib.slicer_setup import ensure_dependencies
-
         return ensure_dependencies()
 
     def start(self, volumeNode, record, lesionNode=None, options=None):
@@ -423,7 +428,7 @@ class MMCAFNetTest(ScriptedLoadableModuleTest):
         missing = logic.missingDependencies()
         if missing:  # a test never installs anything (torch alone is gigabytes)
             self.skipTest(f"{', '.join(missing)} not installed; press Apply in the module once to install")
-        from MMCAFNetLib.slicer_setup import add_demo_case
+        from MMCAFNetLib.slicer_setup import add_demo_case, same_grid
 
         self.delayDisplay("Classifying a synthetic case with the demo model")
         ct, point, record = add_demo_case()
@@ -433,12 +438,7 @@ class MMCAFNetTest(ScriptedLoadableModuleTest):
         self.assertTrue(result.model.get("demo"))
         self.assertAlmostEqual(float(np.sum(result.probabilities)), 1.0, places=4)
         self.assertEqual(outputs.table.GetTable().GetNumberOfRows(), len(result.class_names))
-        ctGeometry = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        ct.GetIJKToRASMatrix(ctGeometry[0])
-        for node in (outputs.heatmap, outputs.labelmap):
-            node.GetIJKToRASMatrix(ctGeometry[1])
-            self.assertTrue(np.allclose(*(slicer.util.arrayFromVTKMatrix(m) for m in ctGeometry)))
-            self.assertEqual(node.GetImageData().GetDimensions(), ct.GetImageData().GetDimensions())
+        self.assertTrue(all(same_grid(node, ct) for node in (outputs.heatmap, outputs.labelmap)))
         labels = np.unique(slicer.util.arrayFromVolume(outputs.labelmap))
         self.assertTrue(set(labels.tolist()) <= {0, result.label_value})
         segment = outputs.segmentation.GetSegmentation().GetNthSegment(0)

@@ -20,10 +20,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("preprocess", "build the preprocessed window cache for a cohort"),
     "train": ("train", "train a model (single process or torchrun DDP)"),
     "evaluate": ("evaluate", "evaluate a checkpoint on a cohort split and write a report"),
-    "predict": ("predict", "classify CT files and write prediction, heatmap, labelmap, preview"),
+    "predict": ("predict", "classify CT files and write prediction, heatmap, labelmap, segmentation, preview "
+                           "(and DICOM SEG + Parametric Map for a DICOM series)"),
     "info": ("info", "show what a checkpoint holds"),
     "models": ("models", "list the model variants with parameters and GFLOPs per window"),
 }
+
+
+DESCRIPTION = "MMCAF-Net lung-lesion classifier (CT + clinical record): data, training, evaluation and prediction."
+EPILOG = """\
+Every command has its own options: mmcafnet COMMAND --help.
+Quick start: mmcafnet demo (a synthetic case, no data needed), then
+             mmcafnet predict --input CT --point R A S --out DIR.
+CPU threads: MMCAFNET_THREADS=N (all commands; 1 is often fastest on a shared machine).
+Exit status: 0 success, 2 bad input (the message names the problem), 1 anything else.
+Research software: not a medical device, not for clinical use."""
 
 
 class UsageError(ValueError):
@@ -38,7 +49,8 @@ def _load(name: str):
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from MMCAFNetLib import __version__
 
-    parser = argparse.ArgumentParser(prog="mmcafnet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mmcafnet", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mmcafnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

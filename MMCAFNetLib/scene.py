@@ -568,6 +568,70 @@ def show_outputs(ct_node: Any, outputs: SceneOutputs) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Result folders written by the command line
+# ----------------------------------------------------------------------------------------------
+
+#: Attribute naming the file a CT node was loaded from by :func:`load_ct` (found again, not reloaded).
+SOURCE_PATH_ATTRIBUTE = "MMCAFNet.SourcePath"
+
+
+def result_fits(ct_node: Any, result: Classification) -> bool:
+    """Whether the result's maps lie on this CT node's grid (same size and IJK->RAS)."""
+    grid = result.heatmap if result.heatmap is not None else result.labelmap
+    if grid is None:
+        return True
+    if ct_node is None or ct_node.GetImageData() is None:
+        return False
+    dims = ct_node.GetImageData().GetDimensions()
+    return tuple(grid.shape) == (dims[2], dims[1], dims[0]) and bool(
+        np.allclose(node_ijk_to_ras(ct_node), grid.ijk_to_ras, atol=1e-3)
+    )
+
+
+def check_result_fits(ct_node: Any, result: Classification, folder: Any) -> None:
+    """Refuse a CT the results were not computed on (outputs take the CT's geometry)."""
+    if not result_fits(ct_node, result):
+        grid = result.heatmap if result.heatmap is not None else result.labelmap
+        raise SceneError(
+            f"the results in {folder} were computed on another grid ({grid.shape} voxels) than the CT "
+            f"'{ct_node.GetName()}'; select the CT they came from, or leave the CT out to load the one "
+            "named in prediction.json"
+        )
+
+
+def _loaded_from(node: Any) -> str:
+    path = node.GetAttribute(SOURCE_PATH_ATTRIBUTE) or ""
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if not path and storage is not None and storage.GetFileName():
+        path = storage.GetFileName()
+    return str(Path(path).resolve()) if path else ""
+
+
+def load_ct(scene: Any, path: Any, name: Optional[str] = None) -> Any:
+    """The CT at ``path`` as a volume node: one already loaded from that file, else read now.
+
+    Read with the library's reader (DICOM series folders, NRRD, NIfTI, MetaImage), so the node has
+    the exact grid the command line classified.
+    """
+    import slicer
+
+    from MMCAFNetLib.volume import read_volume
+
+    resolved = str(Path(path).resolve())
+    for node in ct_volume_nodes(scene):
+        if _loaded_from(node) == resolved:
+            return node
+    volume = read_volume(path)
+    stem = Path(path).name.split(".")[0] or "CT"
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or stem)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.array))
+    node.SetIJKToRASMatrix(_numpy_to_matrix(volume.ijk_to_ras))
+    node.CreateDefaultDisplayNodes()
+    node.SetAttribute(SOURCE_PATH_ATTRIBUTE, resolved)
+    return node
+
+
+# ----------------------------------------------------------------------------------------------
 # Whole-scene batch
 # ----------------------------------------------------------------------------------------------
 

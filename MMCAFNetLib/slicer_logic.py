@@ -388,6 +388,74 @@ def clean_record(record: dict[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
+# ----------------------------------------------------------------------------------------------
+# Result folders written by the command line (a server's batch) loaded for review
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedResult:
+    """One result folder in the scene: its CT node, the output nodes and the Classification."""
+
+    folder: Path
+    ct_node: Any
+    outputs: scene.SceneOutputs
+    result: Classification
+
+
+def load_results(folder: Any, ct_node: Any = None, show: bool = True) -> Any:
+    """Load a result folder of ``mmcafnet predict`` / ``demo`` into ``slicer.mrmlScene``, styled as a
+    live run (table, heatmap as foreground with Inferno, labelmap, segmentation, under the CT's study).
+
+    ``ct_node`` None: the CT named in prediction.json (or the folder's ct.nrrd) is loaded, or found
+    if an earlier call loaded it. A batch folder (summary.csv, one sub-folder per case) loads every
+    case with its own CT and returns a list; one case folder returns a :class:`LoadedResult`.
+    Loading again replaces the CT's earlier outputs, as a re-run does.
+    """
+    import slicer
+
+    from MMCAFNetLib.inference import result_folder as rf
+
+    folder = Path(folder)
+    if folder.is_dir() and rf.is_batch_folder(folder):
+        if ct_node is not None:
+            raise scene.SceneError(
+                f"{folder} is a batch folder: each case has its own CT, so none can be given; "
+                "leave the CT out, or load one case folder onto it"
+            )
+        cases = rf.case_folders(folder)
+        if not cases:
+            raise rf.ResultFolderError(f"{folder} holds a summary.csv but no case folder with a prediction.json")
+        return [load_results(case, show=show and n == len(cases) - 1) for n, case in enumerate(cases)]
+    read = rf.read_result_folder(folder)
+    created = None
+    if ct_node is None:
+        if read.ct_path is None:
+            raise rf.ResultFolderError(
+                f"the CT of {folder} is not found (prediction.json names {read.prediction.get('input')!r}); "
+                "load the CT into the scene and pass it as ct_node (in the module: select it as the input volume)"
+            )
+        before = {n.GetID() for n in scene.ct_volume_nodes(slicer.mrmlScene)}
+        ct_node = scene.load_ct(slicer.mrmlScene, read.ct_path)
+        created = ct_node if ct_node.GetID() not in before else None
+    try:
+        scene.check_result_fits(ct_node, read.result, folder)
+        outputs = scene.write_outputs(ct_node, read.result, show=show)
+    except BaseException:
+        if created is not None:
+            slicer.mrmlScene.RemoveNode(created)
+        raise
+    outputs.table.SetAttribute("MMCAFNet.ResultFolder", str(folder.resolve()))
+    return LoadedResult(folder, ct_node, outputs, read.result)
+
+
+def loaded_summary(loaded: Any) -> str:
+    """The panel's line after loading: the class of one case, or how many cases a batch held."""
+    if isinstance(loaded, list):
+        return f"Loaded {len(loaded)} result folder(s) with their CTs."
+    return f"Loaded {loaded.folder.name}: {result_summary(loaded.result)}"
+
+
 def result_summary(result: Classification) -> str:
     """One line for the GUI: class, probability, and a warning for demo models."""
     line = f"{result.predicted_label} ({result.predicted_class}): {100 * result.probability:.1f}%"

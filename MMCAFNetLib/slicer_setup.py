@@ -23,8 +23,9 @@ from typing import Any, Callable, Optional
 MIN_TORCH_VERSION = "2.1"
 TORCH_REQUIREMENT = f">={MIN_TORCH_VERSION}"
 #: Packages installed with pip at the first Apply. Not torch (the PyTorch extension picks the build
-#: that matches the GPU driver), and not what Slicer ships: numpy, SimpleITK, pydicom.
-PIP_REQUIREMENTS = {"pandas": "pandas>=1.5"}
+#: that matches the GPU driver), and not what Slicer ships: numpy, SimpleITK, pydicom. highdicom writes
+#: the DICOM SEG and Parametric Map of a result (the same outputs as the command line's).
+PIP_REQUIREMENTS = {"pandas": "pandas>=1.5", "highdicom": "highdicom>=0.22"}
 #: Slicer's own distributions, pinned to their installed versions so pip never replaces them.
 SLICER_PINNED = ("numpy", "SimpleITK", "pydicom")
 REQUIRED_PACKAGES = ("torch", *PIP_REQUIREMENTS)
@@ -322,6 +323,18 @@ class Panel:
         return record_from_dicom_database(volume_node, getattr(slicer, "dicomDatabase", None))
 
     @staticmethod
+    def load_results(folder: str, selected_ct: Any = None) -> str:
+        """The "Load results" button: a result folder onto the selected CT when its maps lie on that
+        CT's grid, else onto the CT the folder names (loaded); returns the panel's result line."""
+        from MMCAFNetLib import scene, slicer_logic
+        from MMCAFNetLib.inference.result_folder import is_batch_folder, read_result_folder
+
+        ct = None
+        if selected_ct is not None and not is_batch_folder(folder):
+            ct = selected_ct if scene.result_fits(selected_ct, read_result_folder(folder).result) else None
+        return slicer_logic.loaded_summary(slicer_logic.load_results(folder, ct))
+
+    @staticmethod
     def job_summary(job: Any) -> str:
         """The panel's result line for a finished job: cancelled, failed, or the class and its time."""
         from MMCAFNetLib.slicer_logic import result_summary
@@ -350,3 +363,13 @@ def add_demo_case(letter: str = "A", seed: int = 7, size: int = 64) -> tuple[Any
     point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Lesion")
     point.AddControlPoint(*[float(x) for x in case.lesion_center_ras])
     return ct, point, dict(case.record)
+
+
+def same_grid(node: Any, reference: Any) -> bool:
+    """Whether two volume nodes share size and IJK->RAS (outputs must lie on the CT's grid)."""
+    import numpy as np
+
+    from MMCAFNetLib.scene import node_ijk_to_ras
+
+    same_size = node.GetImageData().GetDimensions() == reference.GetImageData().GetDimensions()
+    return same_size and bool(np.allclose(node_ijk_to_ras(node), node_ijk_to_ras(reference), atol=1e-6))

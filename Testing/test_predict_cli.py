@@ -142,10 +142,10 @@ def test_a_failed_rerun_keeps_the_previous_result(ckpt, ct_file, case, tmp_path)
     before = (out / "prediction.json").read_bytes()
     assert main([*args[:-3], "9999", "0", "0"]) == 2
     assert (out / "prediction.json").read_bytes() == before
-    assert sorted(os.listdir(out)) == ["heatmap.nrrd", "labelmap.nrrd", "prediction.json"]
+    assert sorted(os.listdir(out)) == sorted(set(OUTPUT_FILES) - {"preview.png"})
 
 
-def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path) -> None:
+def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path, capsys) -> None:
     cases = tmp_path / "cts"
     cases.mkdir()
     other = make_case("A", 8, 96)
@@ -162,10 +162,12 @@ def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path) -> None:
     rows = []
     for name, c in (("p1", case), ("p2", other)):
         lo, hi = c.lesion_box_ras
-        rows.append({"patient_id": name, "series_path": str(cases / ("first.nrrd" if name == "p1" else "second.nii.gz")),
+        rows.append({"patient_id": name, "label": c.label,
+                     "series_path": str(cases / ("first.nrrd" if name == "p1" else "second.nii.gz")),
                      "box_ras_min_r": lo[0], "box_ras_min_a": lo[1], "box_ras_min_s": lo[2],
                      "box_ras_max_r": hi[0], "box_ras_max_a": hi[1], "box_ras_max_s": hi[2], **c.record})
-    rows.append({"patient_id": "p3", "series_path": str(tmp_path / "missing.nrrd")})
+    rows.append({"patient_id": "p3", "label": "B", "series_path": str(tmp_path / "missing.nrrd")})
+    rows.append({"patient_id": "p4", "label": "E", "series_path": str(cases / "first.nrrd")})
     table = tmp_path / "cases.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
     out2 = tmp_path / "batch2"
@@ -177,6 +179,15 @@ def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path) -> None:
     j1 = json.loads((out2 / "p1" / "prediction.json").read_text())
     np.testing.assert_allclose(j1["lesion_box_ras"], np.asarray(case.lesion_box_ras), atol=1e-3)
     assert summary.loc["p1", "probability"] == pytest.approx(j1["probability"], abs=1e-5)
+    # The decision threshold and the true class are in the summary; an A-vs-G model warns about B and E.
+    assert summary.loc["p1", "decision_threshold"] == pytest.approx(j1["decision_threshold"]) == 0.5
+    assert summary.loc["p1", "true_label"] == case.label == "G" and summary.loc["p2", "true_label"] == "A"
+    for name in ("p1", "p2"):
+        expected = summary.loc[name, "predicted_class"] == summary.loc[name, "true_label"]
+        assert str(summary.loc[name, "correct"]).lower() == str(bool(expected)).lower()
+    assert summary.loc["p4", "status"] == "ok" and pd.isna(summary.loc["p4", "correct"])  # E: never right
+    err = capsys.readouterr().err
+    assert "not trained on (1 of class B, 1 of class E)" in err and "knows only A, G" in err
 
 
 def test_predict_on_a_dicom_series_written_by_synth(ckpt, tmp_path) -> None:
@@ -193,6 +204,9 @@ def test_predict_on_a_dicom_series_written_by_synth(ckpt, tmp_path) -> None:
     info = json.loads((out / "prediction.json").read_text())
     # Sex, age and weight came from the DICOM header.
     assert info["clinical_record"]["sex"] in ("M", "F") and info["clinical_record"]["age"] is not None
+    # ... and the output says so, with the values it took.
+    announced = [w for w in info["warnings"] if "taken from the DICOM header" in w]
+    assert announced and f"sex {info['clinical_record']['sex']}" in announced[0] and "--sex/--age" in announced[0]
 
 
 def test_info_shows_what_the_checkpoint_holds(ckpt, capsys) -> None:
@@ -210,7 +224,10 @@ def test_demo_writes_the_files_and_names_the_true_class(tmp_path, capsys) -> Non
     demo_ckpt = write_untrained_checkpoint(tmp_path / "demo.pt", demo=True)
     out = tmp_path / "demo-out"
     assert main(["demo", "--out", str(out), "--checkpoint", str(demo_ckpt), "--size", "96", "--label", "G"]) == 0
-    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)
+    assert sorted(os.listdir(out)) == sorted([*OUTPUT_FILES, "ct.nrrd"])  # the CT too: a self-contained folder
+    ct = read_volume(out / "ct.nrrd")
+    assert same_geometry(ct, read_volume(out / "heatmap.nrrd")) and ct.array.min() < -500 < ct.array.max()
+    np.testing.assert_array_equal(ct.array, make_case("G", 2025, 96).volume.array)
     text = capsys.readouterr().out
     assert "true class G" in text and "predicted:" in text and str(out) in text
     info = json.loads((out / "prediction.json").read_text())
@@ -228,7 +245,7 @@ def test_demo_without_the_bundled_model_says_so(tmp_path, monkeypatch, capsys) -
 
 
 def test_without_matplotlib_the_preview_is_skipped_with_a_message(tmp_path) -> None:
-    """matplotlib is not a run-time dependency: demo still writes the three other files."""
+    """matplotlib is not a run-time dependency: demo still writes the other files."""
     import subprocess
     import sys
 
@@ -240,5 +257,5 @@ def test_without_matplotlib_the_preview_is_skipped_with_a_message(tmp_path) -> N
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["heatmap.nrrd", "labelmap.nrrd", "prediction.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted({*OUTPUT_FILES, "ct.nrrd"} - {"preview.png"})
     assert "preview.png was not written" in run.stderr and "matplotlib" in run.stderr

@@ -45,7 +45,7 @@ def never(*args: object) -> object:
     raise AssertionError("must not be called")
 
 
-REAL = {name: importlib.import_module(name) for name in ("torch", "pandas")}
+REAL = {name: importlib.import_module(name) for name in ("torch", "pandas", "highdicom")}
 
 
 def block(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
@@ -61,7 +61,7 @@ def block(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
 
 def test_requirements_leave_what_slicer_ships_alone():
     assert "pydicom" not in ss.PIP_REQUIREMENTS and "torch" not in ss.PIP_REQUIREMENTS
-    assert ss.REQUIRED_PACKAGES == ("torch", "pandas")
+    assert ss.REQUIRED_PACKAGES == ("torch", "pandas", "highdicom")
     assert {"numpy", "SimpleITK", "pydicom"} <= set(ss.SLICER_PINNED)
     assert ss.TORCH_REQUIREMENT == ">=2.1"
 
@@ -126,6 +126,21 @@ def test_pip_gets_the_requirement_and_a_constraints_file_pinning_slicers_own_pac
     # installed: ready, but Apply stops so the user sees the (now readable) form before classifying
     assert outcome.ready and outcome.installed == ["pandas"] and not outcome.may_classify
     assert "press Apply again" in outcome.message and outcome.error == ""
+
+
+def test_highdicom_for_the_dicom_outputs_comes_with_pip_under_the_same_pins(monkeypatch):
+    block(monkeypatch, "highdicom")
+    seen: list[list[str]] = []
+
+    def pip_install(arguments):
+        seen.append(list(arguments))
+        pins = dict(line.split("==") for line in Path(arguments[2]).read_text().split())
+        assert pins["pydicom"] == ss.installed_version("pydicom")  # highdicom must not replace Slicer's pydicom
+        return Installer(monkeypatch, "highdicom")(arguments)
+
+    outcome = ss.ensure_dependencies(confirm=lambda text: "highdicom" in text, install_torch=never, pip_install=pip_install)
+    assert seen[0][:2] == ["highdicom>=0.22", "--constraint"]
+    assert outcome.ready and outcome.installed == ["highdicom"]
 
 
 def test_a_failed_pip_install_is_an_error_message_not_an_exception(monkeypatch):

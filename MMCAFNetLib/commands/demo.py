@@ -18,10 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=128, help="in-plane size of the synthetic CT in pixels")
     parser.add_argument("--whole-volume", action="store_true",
                         help="scan the whole CT with sliding windows instead of using the lesion point")
-    parser.add_argument("--heatmap", choices=("attention", "gradcam", "none"), default="attention")
+    parser.add_argument("--heatmap", choices=("attention", "gradcam", "none"), default="attention",
+                        help="how the heatmap is made: the model's attention maps (default), Grad-CAM, or none")
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap level drawn into the labelmap")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # tests and curious users: another model
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--checkpoint", metavar="CKPT", help="another model instead of the bundled demo model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     written = write_outputs(result, case.volume, out, input_path=f"synthetic case {case.patient_id} (seed {args.seed})",
                             case_id=case.patient_id, record=predictor.schema.validate_record(case.record),
-                            preview_box_ras=case.lesion_box_ras)
+                            preview_box_ras=case.lesion_box_ras, write_ct=True)
     probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.class_names, result.probabilities))
     print(f"synthetic case {case.patient_id}: true class {label} ({_label(label)}), "
           f"lesion {case.lesion_diameter_mm:.0f} mm at RAS {tuple(round(v, 1) for v in case.lesion_center_ras)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from MMCAFNetLib.strict_json import dumps as strict_dumps
 
@@ -20,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lesions up to this size (largest box side) are reported apart")
     parser.add_argument("--cache", metavar="DIR",
                         help="preprocessed cache folder (mmcafnet preprocess with the checkpoint's preset)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         num_resamples=args.bootstrap, seed=args.seed, small_lesion_mm=args.small_lesion_mm,
         batch_size=args.batch_size, progress=not args.no_progress, cache_dir=args.cache,
     )
+    for line in metrics.get("warnings") or []:
+        print(f"warning: {line}", file=sys.stderr)
     keys = ("auroc", "accuracy", "f1", "specificity", "sensitivity", "ppv", "npv", "macro_f1", "ece", "threshold")
     print(strict_dumps({"report": f"{args.out}/report.md", **{k: metrics[k] for k in keys if k in metrics}}, indent=2))
     return 0

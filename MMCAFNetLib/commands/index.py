@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         sink=_warning_sink(),
     )
     print(format_summary(result))
+    if len(result.cohort):
+        from MMCAFNetLib.dataset.split_sizes import cohort_split_warnings
+
+        for line in cohort_split_warnings(result.cohort["label"], result.cohort["split"]):
+            print(f"warning: {line}", file=sys.stderr)
     if result.cohort.empty:
         print("mmcafnet index: no patient could be indexed; nothing written (see the warnings above)", file=sys.stderr)
         return 1

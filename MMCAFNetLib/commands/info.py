@@ -32,7 +32,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "format_version": payload["format_version"],
         "model_name": payload["model_name"],
         "model_config": payload.get("model_config") or {},
-        "parameters": int(sum(t.numel() for t in tensors if t.is_floating_point())),
+        "parameters": _parameter_count(payload, tensors),
         "tensors": len(tensors),
         "task": payload.get("task"),
         "class_names": list(payload["class_names"]),
@@ -45,6 +45,29 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "metrics": payload.get("metrics") or {},
         "demo": bool(payload.get("demo", False)),
     }
+
+
+def _parameter_count(payload: dict[str, Any], tensors: list[Any]) -> int:
+    """Learned parameters, counted as ``mmcafnet models`` counts them: the model built on the meta
+    device (no memory, no weights), so buffers such as BatchNorm statistics are left out. A model this
+    library cannot build falls back to the floating-point tensors of the state dict."""
+    import torch
+
+    from MMCAFNetLib.models import create_model
+    from MMCAFNetLib.models.complexity import count_parameters
+
+    try:
+        with torch.device("meta"):
+            model = create_model(payload["model_name"], **dict(payload.get("model_config") or {}))
+        return int(count_parameters(model))
+    except Exception:  # an unknown or changed model: what the file holds
+        return int(sum(t.numel() for t in tensors if t.is_floating_point()))
+
+
+FINGERPRINT_NOTE = (
+    "SHA-256 of the cohort rows the run used (patient, label, split, lesion box, clinical values); "
+    "two checkpoints with the same fingerprint were trained and validated on the same data"
+)
 
 
 def _fmt(value: Any) -> str:
@@ -80,8 +103,12 @@ def run(args: argparse.Namespace) -> int:
         f"threshold:       {_fmt(info['decision_threshold'])} (decision threshold chosen on validation data)",
         f"clinical fields: {_fmt(info['clinical_fields'])}",
         f"preprocessing:   {_fmt(preset)}",
-        f"provenance:      {_fmt(prov)}",
-        f"metrics:         {_fmt(info['metrics'])}",
+        f"provenance:      {_fmt({k: v for k, v in prov.items() if k != 'data_fingerprint'})}",
+        f"data fingerprint: {prov.get('data_fingerprint') or '-'}",
+        f"                 ({FINGERPRINT_NOTE})",
+        f"validation metrics: {_fmt(info['metrics'])}",
+        "                 (on the validation split, at the decision threshold above; the test split's are in "
+        "the report of mmcafnet evaluate)",
         f"demo model:      {'yes: trained on synthetic data, not for clinical use' if info['demo'] else 'no'}",
     ]
     print("\n".join(lines))

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from MMCAFNetLib.models import available_models
-    from MMCAFNetLib.models.complexity import complexity_table
+    from MMCAFNetLib.models.complexity import measure_model
 
     names = args.model or available_models()
     unknown = [n for n in names if n not in available_models()]
@@ -32,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown model(s) {unknown}; available: {', '.join(available_models())}")
     if any(v < 1 for v in args.window):
         raise ValueError(f"--window needs three positive sizes, got {args.window}")
-    rows = complexity_table(tuple(args.window), names, num_classes=args.num_classes)
+    rows = []
+    for n, name in enumerate(names, 1):  # about a second per full-size variant: say which one is counted
+        print(f"\rcounting {name} ({n}/{len(names)})...".ljust(60), end="", file=sys.stderr, flush=True)
+        rows.append(measure_model(name, tuple(args.window), num_classes=args.num_classes))
+    print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
     if args.json:
         sys.stdout.write(strict_dumps([row.to_dict() for row in rows], indent=2))
         sys.stdout.write("\n")

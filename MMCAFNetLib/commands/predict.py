@@ -1,4 +1,5 @@
-"""``mmcafnet predict``: classify a CT (or a batch of CTs) and write prediction, heatmap, labelmap, preview."""
+"""``mmcafnet predict``: classify a CT (or a batch of CTs) and write prediction, heatmap, labelmap, segmentation,
+preview, and for a DICOM series a DICOM SEG and Parametric Map."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ CLINICAL_FLAGS = {
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
 INPUT_COLUMNS = ("input", "series_path", "path", "ct")
 ID_COLUMNS = ("case_id", "patient_id", "id")
+#: Columns holding a case's true class (a cohort table from ``mmcafnet index`` has "label").
+TRUE_LABEL_COLUMNS = ("label", "true_label", "true_class")
 BOX_COLUMNS = ("box_ras_min_r", "box_ras_min_a", "box_ras_min_s", "box_ras_max_r", "box_ras_max_a", "box_ras_max_s")
 POINT_COLUMNS = ("point_r", "point_a", "point_s")
 
@@ -60,11 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clin.add_argument("--smoking", help="smoking history (as the checkpoint's schema lists, e.g. 0 / 1)")
     clin.add_argument("--clinical", metavar="FILE", help="clinical record as JSON (an object) or CSV (one row per case)")
     clin.add_argument("--row", metavar="ID", help="which CSV row: its case_id/patient_id, or a 0-based row number")
-    parser.add_argument("--heatmap", choices=("attention", "gradcam", "none"), default="attention")
+    parser.add_argument("--heatmap", choices=("attention", "gradcam", "none"), default="attention",
+                        help="how the heatmap is made: the model's attention maps (default), Grad-CAM, or none")
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap level drawn into the labelmap (0..1)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     parser.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    parser.add_argument(
+        "--no-dicom", action="store_true",
+        help="for a DICOM series input, skip segmentation.dcm (DICOM SEG) and heatmap.dcm (Parametric Map)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,9 +126,10 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     if from_header and not quiet:
         print(f"clinical values from the DICOM header: {header_text(from_header)}", file=sys.stderr)
     write_outputs(
-        result, volume, out, input_path=str(input_path), case_id=case_id,
+        result, volume, out, input_path=str(Path(input_path).resolve()), case_id=case_id,
         record=predictor.schema.validate_record(record), preview=not args.no_preview,
         record_from_header=from_header,
+        dicom=not getattr(args, "no_dicom", False),
     )
     return result
 
@@ -275,6 +284,7 @@ def list_batch_cases(batch: str | os.PathLike) -> list[dict[str, Any]]:
     if input_col is None:
         raise UsageError(f"{batch} needs a column naming each CT: one of {', '.join(INPUT_COLUMNS)}")
     id_col = next((c for c in ID_COLUMNS if c in df.columns), None)
+    label_col = next((c for c in TRUE_LABEL_COLUMNS if c in df.columns), None)
     cases = []
     for n, row in enumerate(df.to_dict(orient="records")):
         path = Path(row[input_col])
@@ -287,8 +297,11 @@ def list_batch_cases(batch: str | os.PathLike) -> list[dict[str, Any]]:
             lesion = np.array([float(row[c]) for c in POINT_COLUMNS])
         record = {f: row[f] for f in CLINICAL_FLAGS.values() if row.get(f, "") != ""}
         case_id = row[id_col] if id_col and row[id_col] else f"case{n:04d}"
-        cases.append({"case_id": case_id, "input": str(path), "record": record, "lesion": lesion,
-                      "series_uid": row.get("series_uid") or None})
+        case = {"case_id": case_id, "input": str(path), "record": record, "lesion": lesion,
+                "series_uid": row.get("series_uid") or None}
+        if label_col:
+            case["true_label"] = str(row[label_col]).strip()
+        cases.append(case)
     if not cases:
         raise UsageError(f"{batch} lists no cases")
     ids = [c["case_id"] for c in cases]
@@ -306,11 +319,14 @@ def _run_batch(args: argparse.Namespace, predictor) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flag_record = {f: getattr(args, k) for k, f in CLINICAL_FLAGS.items() if getattr(args, k, None) is not None}
+    unknown = _warn_unknown_classes(cases, predictor.class_names)
     rows = []
     failures = 0
     for n, case in enumerate(cases, 1):
         print(f"[{n}/{len(cases)}] {case['case_id']}", file=sys.stderr)
         row: dict[str, Any] = {"case_id": case["case_id"], "input": case["input"], "out_dir": str(out / _safe(case["case_id"]))}
+        if "true_label" in case:
+            row["true_label"] = case["true_label"]
         try:
             record = dict(case["record"])
             if args.clinical:
@@ -321,9 +337,13 @@ def _run_batch(args: argparse.Namespace, predictor) -> int:
                 predictor, case["input"], out / _safe(case["case_id"]), record, case["lesion"], case_args,
                 case_id=case["case_id"], quiet=True,
             )
+            cut = result.model.get("decision_threshold")
             row.update(status="ok", predicted_class=result.predicted_class, predicted_label=result.predicted_label,
-                       probability=f"{result.probability:.6f}", windows=len(result.windows),
-                       seconds=f"{result.timings.get('total_s', 0.0):.2f}", error="")
+                       probability=f"{result.probability:.6f}",
+                       decision_threshold="" if cut is None else f"{float(cut):.6f}",
+                       windows=len(result.windows), seconds=f"{result.timings.get('total_s', 0.0):.2f}", error="")
+            if case.get("true_label"):
+                row["correct"] = "" if case["true_label"] in unknown else str(result.predicted_class == case["true_label"]).lower()
             for c, p in zip(result.class_names, result.probabilities):
                 row[f"p_{c}"] = f"{float(p):.6f}"
         except (ValueError, FileNotFoundError, NotADirectoryError, OSError, RuntimeError) as exc:
@@ -334,6 +354,24 @@ def _run_batch(args: argparse.Namespace, predictor) -> int:
     _write_summary(out / "summary.csv", rows)
     print(f"{len(cases) - failures}/{len(cases)} cases classified; summary: {out / 'summary.csv'}")
     return 0 if failures == 0 else 1
+
+
+def _warn_unknown_classes(cases: list[dict[str, Any]], class_names: list[str]) -> set[str]:
+    """Warn when the batch holds true classes the model was not trained on (an A-vs-G model given
+    small-cell or large-cell patients must call them A or G: those predictions cannot be right).
+    Returns the unknown classes."""
+    from collections import Counter
+
+    counts = Counter(c["true_label"] for c in cases if c.get("true_label") and c["true_label"] not in class_names)
+    if counts:
+        listed = ", ".join(f"{n} of class {letter}" for letter, n in sorted(counts.items()))
+        print(
+            f"warning: the batch holds patients of classes this model was not trained on ({listed}); the model "
+            f"knows only {', '.join(class_names)}, so it must call them one of those. Their 'correct' column is "
+            "left empty; leave them out, or use a model trained on all four classes (task ABEG).",
+            file=sys.stderr,
+        )
+    return set(counts)
 
 
 def _safe(case_id: str) -> str:

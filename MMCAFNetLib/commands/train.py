@@ -37,11 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="checkpoint whose matching weights start the run (previous stage)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     parser.add_argument("--fold", type=_fold, help="k-fold: validate on fold K of train+val, or 'all' folds in turn")
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=int, help="passes over the training split (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, help="global batch size (over all processes)")
     parser.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--seed", type=int, help="seed of initial weights, sampling and augmentation (default: the recipe's)")
     parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--num-workers", type=int, help="data loader worker processes")
     parser.add_argument("--preset", help="preprocessing preset name (paper, default)")
@@ -82,6 +82,12 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -109,8 +115,11 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(strict_dumps(config.to_dict(), indent=2))
         return 0
-    from MMCAFNetLib.train.loop import train
+    from MMCAFNetLib.train.loop import train, training_threads
 
+    threads = training_threads(config.num_threads)
+    print(f"CPU threads: {threads or _torch_threads()} (set MMCAFNET_THREADS=N to choose; on a machine shared "
+          "with other jobs MMCAFNET_THREADS=1 is often several times faster)", file=sys.stderr)
     command = "mmcafnet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = train(config, args.cohort, out_dir, resume=args.resume, command=command,
                     all_folds=args.fold == "all")

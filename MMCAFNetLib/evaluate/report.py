@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from MMCAFNetLib.atomic import write_text_atomic
+from MMCAFNetLib.dataset.split_sizes import MIN_PATIENTS_PER_CLASS, small_split_warning
 from MMCAFNetLib.evaluate.metrics import (
     binary_metrics,
     bootstrap_ci,
@@ -85,27 +86,35 @@ def evaluate_patients(
         "threshold": float(threshold),
         "bootstrap": {"resamples": num_resamples, "seed": seed, "confidence": 0.95, "unit": "patient"},
     }
+    few = small_split_warning("evaluated", result["class_counts"])
+    if few:  # a bootstrap over one or two patients of a class gives an interval that means nothing
+        result["warnings"] = [few]
+    with_ci = not few
     if p.ndim == 1:
         result["positive_class"] = names[1]
-        result.update(_binary_block(y, p, threshold, num_resamples, seed))
+        result.update(_binary_block(y, p, threshold, num_resamples, seed, with_ci=with_ci))
         result["confusion_matrix"] = confusion_matrix(y, (p >= threshold).astype(int), 2).tolist()
         if lesion_size_mm is not None:
             sizes = np.asarray(lesion_size_mm, dtype=np.float64)
             small = sizes <= small_lesion_mm
             result["lesion_size_groups"] = {
                 "small_lesion_mm": small_lesion_mm,
-                "small": _binary_block(y[small], p[small], threshold, num_resamples, seed),
-                "large": _binary_block(y[~small], p[~small], threshold, num_resamples, seed),
+                "small": _binary_block(y[small], p[small], threshold, num_resamples, seed,
+                                       with_ci=_enough(y[small], len(names))),
+                "large": _binary_block(y[~small], p[~small], threshold, num_resamples, seed,
+                                       with_ci=_enough(y[~small], len(names))),
             }
     else:
         m = multiclass_metrics(y, p)
         result.update({k: v for k, v in m.items()})
         result["ece"] = expected_calibration_error(y, p)
+    if p.ndim != 1 and with_ci:
         result["ci95"] = {
             "auroc": list(bootstrap_ci(macro_auroc, y, p, num_resamples=num_resamples, seed=seed)),
             "accuracy": list(bootstrap_ci(lambda yy, pp: float((pp.argmax(1) == yy).mean()), y, p,
                                           num_resamples=num_resamples, seed=seed)),
         }
+    if p.ndim != 1:
         for i, row in enumerate(result["per_class"]):
             row["class"] = names[i]
     result["patients"] = [
@@ -114,6 +123,11 @@ def evaluate_patients(
         for pid, t, pp in zip(patient_ids, y, p)
     ]
     return to_plain(result)
+
+
+def _enough(y: np.ndarray, num_classes: int) -> bool:
+    """Every class has enough patients in ``y`` for a confidence interval."""
+    return all(int((y == i).sum()) >= MIN_PATIENTS_PER_CLASS for i in range(num_classes))
 
 
 def _fmt(v: Any) -> str:
@@ -166,8 +180,11 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str, model
     if binary:
         lines.append(f"- Positive class: {metrics['positive_class']}; decision threshold "
                      f"{metrics['threshold']:.4f}, chosen on the validation data (never on this split)")
+    if metrics.get("warnings"):
+        lines += [f"- **Warning**: {w}" for w in metrics["warnings"]]
     lines.append(f"- 95 % confidence intervals: percentile bootstrap over patients, "
-                 f"{metrics['bootstrap']['resamples']} resamples, seed {metrics['bootstrap']['seed']}")
+                 f"{metrics['bootstrap']['resamples']} resamples, seed {metrics['bootstrap']['seed']}; "
+                 f"none for a group with fewer than {MIN_PATIENTS_PER_CLASS} patients of a class")
     lines.append("")
 
     roc_curves = []

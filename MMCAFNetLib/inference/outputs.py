@@ -1,4 +1,5 @@
-"""The files a classification leaves behind: prediction.json, heatmap.nrrd, labelmap.nrrd, preview.png.
+"""The files a classification leaves behind: prediction.json, heatmap.nrrd, labelmap.nrrd, its colour
+table, segmentation.seg.nrrd, preview.png, and for a DICOM input segmentation.dcm and heatmap.dcm.
 
 Everything is written into a temporary folder next to the destination and swapped in only when
 every file is complete (``atomic.publish_folder``), so a failure (bad input, full disk, Ctrl-C, a
@@ -15,16 +16,23 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from MMCAFNetLib.inference.slicer_files import COLOR_TABLE_FILE, SEGMENTATION_NRRD
 from MMCAFNetLib.plain import to_plain
 from MMCAFNetLib.results import Classification
 from MMCAFNetLib.volume import Volume
 
-OUTPUT_FILES = ("prediction.json", "heatmap.nrrd", "labelmap.nrrd", "preview.png")
+#: What every classification with a heatmap writes (whatever the input).
+OUTPUT_FILES = (
+    "prediction.json", "heatmap.nrrd", "labelmap.nrrd", COLOR_TABLE_FILE, SEGMENTATION_NRRD, "preview.png"
+)
+#: Written besides for a DICOM input (``dicom=True``): a DICOM SEG and a Parametric Map.
+DICOM_OUTPUT_FILES = ("segmentation.dcm", "heatmap.dcm")
 
 DEMO_NOTE = (
     "DEMO MODEL: trained on synthetic phantoms only. Its output says nothing about real patients; "
     "not for clinical use."
 )
+CT_FILE = "ct.nrrd"
 RESEARCH_NOTE = "Research software: not a medical device, not for clinical use."
 
 
@@ -84,12 +92,18 @@ def write_outputs(
     preview: bool = True,
     preview_box_ras: Optional[Any] = None,
     record_from_header: Optional[dict[str, Any]] = None,
+    dicom: bool = True,
+    write_ct: bool = False,
 ) -> dict[str, Path]:
-    """Write the four files for one case into ``out_dir``; returns {file name: final path}.
+    """Write the files for one case into ``out_dir``; returns {file name: final path}.
 
-    heatmap.nrrd and labelmap.nrrd carry the input CT's exact geometry; without a heatmap they are
-    not written (and neither is an older copy left behind in ``out_dir``). ``preview_box_ras``
-    draws another box than the lesion guidance on the preview (the demo draws the true lesion).
+    heatmap.nrrd, labelmap.nrrd and segmentation.seg.nrrd carry the input CT's exact geometry;
+    without a heatmap they are not written (and neither is an older copy left behind in
+    ``out_dir``). With ``dicom`` and a CT read from a DICOM series, segmentation.dcm and heatmap.dcm
+    reference that series (when they cannot be made, a warning says why and the rest is written).
+    ``write_ct`` adds the CT itself as ct.nrrd (the demo's folder is then self-contained).
+    ``preview_box_ras`` draws another box than the lesion guidance on the preview (the demo draws
+    the true lesion).
     """
     from MMCAFNetLib.atomic import make_staging_folder
     from MMCAFNetLib.preview import render_preview
@@ -101,6 +115,10 @@ def write_outputs(
         raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the results")
     tmp = make_staging_folder(out_dir)
     try:
+        if dicom:
+            _write_dicom(result, ct, tmp)
+        if write_ct:
+            write_volume(ct, tmp / CT_FILE)
         info = prediction_dict(result, input_path=input_path, case_id=case_id, record=record,
                                record_from_header=record_from_header)
         (tmp / "prediction.json").write_text(strict_dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -108,6 +126,7 @@ def write_outputs(
             write_volume(result.heatmap, tmp / "heatmap.nrrd")
         if result.labelmap is not None:
             write_volume(result.labelmap, tmp / "labelmap.nrrd")
+            _write_slicer_files(result, tmp)
         if preview and not _has_matplotlib():
             warnings.warn(
                 "preview.png was not written: it needs matplotlib (pip install matplotlib, or the "
@@ -132,8 +151,37 @@ def _publish(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
     (an older run's heatmap) do not survive, files the user put there do."""
     from MMCAFNetLib.atomic import publish_folder
 
-    publish_folder(tmp, out_dir, managed=set(OUTPUT_FILES) | set(names))
+    publish_folder(tmp, out_dir, managed=set(OUTPUT_FILES) | set(DICOM_OUTPUT_FILES) | set(names))
     return {name: out_dir / name for name in names}
+
+
+def _write_slicer_files(result: Classification, folder: Path) -> None:
+    """segmentation.seg.nrrd and the colour table naming the labelmap's values."""
+    from MMCAFNetLib.inference import slicer_files
+
+    segment = slicer_files.segment_for(result)
+    slicer_files.write_segmentation_nrrd(result.labelmap, folder / SEGMENTATION_NRRD, [segment])
+    entries = slicer_files.class_color_entries([(result.label_value, result.predicted_label)])
+    (folder / COLOR_TABLE_FILE).write_text(slicer_files.color_table_text(entries), encoding="utf-8")
+
+
+def _write_dicom(result: Classification, ct: Volume, folder: Path) -> None:
+    """segmentation.dcm and heatmap.dcm for a CT read from DICOM; a warning in the result when not."""
+    from MMCAFNetLib.inference import dicom_outputs
+
+    if not dicom_outputs.is_dicom_volume(ct) or (result.heatmap is None and result.labelmap is None):
+        return
+    try:
+        dicom_outputs.write_dicom_outputs(result, ct, folder)
+    except ImportError:
+        reason = "they need highdicom (pip install highdicom)"
+    except dicom_outputs.DicomOutputError as exc:
+        reason = str(exc)
+    else:
+        return
+    for name in DICOM_OUTPUT_FILES:
+        (folder / name).unlink(missing_ok=True)
+    result.warnings.append(f"segmentation.dcm and heatmap.dcm were not written: {reason}")
 
 
 def _json_plain(value: Any) -> Any:

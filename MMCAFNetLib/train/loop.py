@@ -20,6 +20,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -224,6 +225,22 @@ def patient_metrics(rows: dict[int, tuple[str, int, list[float]]], binary: bool,
 
 
 # ----------------------------------------------------------------------------- the run
+
+def training_threads(num_threads: int = 0) -> int:
+    """CPU threads for training: the config's ``num_threads``, else ``MMCAFNET_THREADS`` (the one
+    thread setting of the library, as for inference), else 0 (torch's default)."""
+    from MMCAFNetLib.optimize import THREADS_ENV
+
+    if num_threads > 0:
+        return int(num_threads)
+    forced = os.environ.get(THREADS_ENV, "").strip()
+    if not forced:
+        return 0
+    try:
+        return max(1, int(forced))
+    except ValueError:
+        raise ValueError(f"{THREADS_ENV} must be a whole number of threads, got {forced!r}") from None
+
 class Trainer:
     """One training run (one fold). ``Trainer(config, cohort_df, out_dir).fit(resume=...)``."""
 
@@ -247,8 +264,9 @@ class Trainer:
         from MMCAFNetLib.preset import get_preset
 
         config = self.config
-        if config.num_threads > 0:
-            torch.set_num_threads(config.num_threads)
+        threads = training_threads(config.num_threads)
+        if threads > 0:
+            torch.set_num_threads(threads)
         seed_everything(config.seed)
         self.schema = default_schema().fit(self.train_df)
         self.preset = get_preset(config.preset)
