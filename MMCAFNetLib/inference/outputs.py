@@ -17,11 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from MMCAFNetLib.inference.heatmap_file import read_heatmap, write_heatmap, write_labelmap
 from MMCAFNetLib.plain import to_plain
 from MMCAFNetLib.results import Classification
 from MMCAFNetLib.volume import Volume
 
 OUTPUT_FILES = ("prediction.json", "heatmap.nrrd", "labelmap.nrrd", "preview.png")
+
+__all__ = ["OUTPUT_FILES", "prediction_dict", "read_heatmap", "write_outputs"]
 
 DEMO_NOTE = (
     "DEMO MODEL: trained on synthetic phantoms only. Its output says nothing about real patients; "
@@ -91,7 +94,6 @@ def write_outputs(
     draws another box than the lesion guidance on the preview (the demo draws the true lesion).
     """
     from MMCAFNetLib.preview import render_preview
-    from MMCAFNetLib.volume import write_volume
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -99,15 +101,14 @@ def write_outputs(
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+    volume_writes: list = []
     try:
         info = prediction_dict(result, input_path=input_path, case_id=case_id, record=record)
         with open(tmp / "prediction.json", "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=2)
             fh.write("\n")
-        if result.heatmap is not None:
-            write_volume(result.heatmap, tmp / "heatmap.nrrd")
-        if result.labelmap is not None:
-            write_volume(result.labelmap, tmp / "labelmap.nrrd")
+        # The volumes are compressed on a thread (zlib releases the GIL) while the preview renders.
+        volume_writes = _start_volume_writes(result, tmp)
         if preview and not _has_matplotlib():
             warnings.warn(
                 "preview.png was not written: it needs matplotlib (pip install matplotlib, or the "
@@ -120,11 +121,35 @@ def write_outputs(
                 title += "   DEMO model, synthetic data, not for clinical use"
             box = preview_box_ras if preview_box_ras is not None else result.model.get("lesion_box_ras")
             render_preview(ct, tmp / "preview.png", heatmap=result.heatmap, lesion_box_ras=box, title=title)
+        for future in volume_writes:
+            future.result()  # re-raises a failed write
         written = sorted(p.name for p in tmp.iterdir())
         return _publish(tmp, out_dir, written)
     finally:
+        if volume_writes:  # never remove the folder under a write still running
+            from concurrent.futures import wait
+
+            wait(volume_writes)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_volume_writes(result: Classification, folder: Path) -> list:
+    """Write heatmap.nrrd (compact: uint8, cropped, see ``heatmap_file``) and labelmap.nrrd on a
+    worker thread; returns the futures (empty when there is no heatmap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    if result.heatmap is not None:
+        jobs.append((write_heatmap, result.heatmap, folder / "heatmap.nrrd"))
+    if result.labelmap is not None:
+        jobs.append((write_labelmap, result.labelmap, folder / "labelmap.nrrd"))
+    if not jobs:
+        return []
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcafnet-write")
+    futures = [pool.submit(fn, volume, path) for fn, volume, path in jobs]
+    pool.shutdown(wait=False)  # the submitted writes run on; the caller waits on the futures
+    return futures
 
 
 def _publish(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
