@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 import zlib
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -65,13 +65,20 @@ def nrrd_header(shape_kji, dtype: np.dtype, ijk_to_ras: np.ndarray, fields: Opti
 
 
 def write_nrrd(path: str | os.PathLike, array: np.ndarray, ijk_to_ras: np.ndarray,
-               fields: Optional[Mapping[str, str]] = None, level: int = 1) -> None:
-    """Write ``array`` (K, J, I) as a gzip-compressed NRRD, atomically (temporary file, then rename)."""
+               fields: Optional[Mapping[str, str]] = None, level: int = 1,
+               encode: Optional[Callable[[np.ndarray], np.ndarray]] = None, dtype: Any = None) -> None:
+    """Write ``array`` (K, J, I) as a gzip-compressed NRRD, atomically (temporary file, then rename).
+
+    ``encode`` (with the ``dtype`` it returns) converts each slab of slices as it is written, so a
+    quantised copy of the whole volume never exists.
+    """
     path = os.fspath(path)
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"NRRD writer: a 3D array is needed, got shape {array.shape}")
-    little = array.dtype.newbyteorder("<")
+    if encode is None:
+        encode, dtype = (lambda slab: slab), array.dtype
+    little = np.dtype(dtype).newbyteorder("<")
     header = nrrd_header(array.shape, little, ijk_to_ras, fields)
     parent = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -81,7 +88,7 @@ def write_nrrd(path: str | os.PathLike, array: np.ndarray, ijk_to_ras: np.ndarra
             fh.write(header)
             packer = zlib.compressobj(int(level), zlib.DEFLATED, 31)  # wbits 31: a gzip stream
             for k0 in range(0, array.shape[0], slab):
-                block = np.ascontiguousarray(array[k0 : k0 + slab], dtype=little)
+                block = np.ascontiguousarray(encode(array[k0 : k0 + slab]), dtype=little)
                 fh.write(packer.compress(memoryview(block).cast("B")))
             fh.write(packer.flush())
         os.replace(tmp, path)
