@@ -74,7 +74,7 @@ def render_preview(
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    ct_ras = to_ras_array(ct).astype(np.float32, copy=False)
+    ct_ras = to_ras_array(ct)  # a view; only the three slices drawn are converted to float
     heat_ras = to_ras_array(heatmap) if heatmap is not None else None
     spacing = ct.spacing  # along I, J, K
     axes, _ = _nearest_ras_frame(ct)
@@ -113,7 +113,7 @@ def render_preview(
         w_mm = ct_ras.shape[h_axis] * sp_ras[h_axis]
         h_mm = ct_ras.shape[v_axis] * sp_ras[v_axis]
         extent = (0.0, w_mm, 0.0, h_mm)
-        ax.imshow(oriented(ct_ras[sl]), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], origin="lower",
+        ax.imshow(oriented(ct_ras[sl].astype(np.float32)), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], origin="lower",
                   extent=extent, interpolation="bilinear")
         if heat_ras is not None:
             hmap = np.ma.masked_less(oriented(heat_ras[sl]), 0.05)

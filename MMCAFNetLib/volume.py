@@ -329,9 +329,9 @@ def resample_to_grid(
     ijk_to_lps = lps_from_ras(target.ijk_to_ras)
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     source = to_sitk(volume)
-    if interpolator == "linear" and volume.array.dtype != np.float32:
-        source = sitk.Cast(source, sitk.sitkFloat32)
-    out_type = source.GetPixelID()
+    # "linear" writes float32 straight from the source's own type (ITK interpolates in double): an
+    # int16 CT is never copied to a full-size float32 image first.
+    out_type = sitk.sitkFloat32 if interpolator == "linear" else source.GetPixelID()
     image = sitk.Resample(
         source,
         [shape[2], shape[1], shape[0]],

@@ -108,7 +108,11 @@ def canonical_orientation(volume: Volume, contiguous: bool = True) -> Volume:
 
 
 def _finite_hu(volume: Volume) -> Volume:
+    """NaN and infinities as air. Integer CTs are returned as they are (always finite; resampling
+    writes float32 from them directly, with no full-size float copy of the CT)."""
     arr = volume.array
+    if arr.dtype.kind in "iub":
+        return volume
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
     if not np.all(np.isfinite(arr)):

@@ -11,7 +11,7 @@ import pytest
 from test_inference_support import write_untrained_checkpoint
 
 from MMCAFNetLib.cli import main
-from MMCAFNetLib.inference import OUTPUT_FILES
+from MMCAFNetLib.inference import OUTPUT_FILES, read_heatmap
 from MMCAFNetLib.synthetic import make_case
 from MMCAFNetLib.volume import read_volume, write_volume
 
@@ -50,9 +50,10 @@ def test_predict_writes_four_files_on_the_input_geometry(ckpt, ct_file, case, tm
     assert code == 0
     assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)
     ct = read_volume(ct_file)
-    heat, labels = read_volume(out / "heatmap.nrrd"), read_volume(out / "labelmap.nrrd")
+    heat, labels = read_heatmap(out / "heatmap.nrrd", full_grid=True), read_volume(out / "labelmap.nrrd")
     assert same_geometry(heat, ct) and same_geometry(labels, ct)
     assert heat.array.dtype == np.float32 and labels.array.dtype == np.uint8
+    assert read_volume(out / "heatmap.nrrd").array.dtype == np.uint8  # stored compactly (heatmap_file)
     info = json.loads((out / "prediction.json").read_text())
     assert set(info["probabilities"]) == {"A", "G"}
     assert sum(info["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -199,7 +200,7 @@ def test_predict_on_a_dicom_series_written_by_synth(ckpt, tmp_path) -> None:
     assert main(["predict", "--checkpoint", str(ckpt), "--input", patient.series_path, "--out", str(out),
                  "--point", *point_args(patient.lesion_center_ras)]) == 0
     ct = read_volume(patient.series_path)
-    assert same_geometry(read_volume(out / "heatmap.nrrd"), ct)
+    assert same_geometry(read_heatmap(out / "heatmap.nrrd", full_grid=True), ct)
     assert same_geometry(read_volume(out / "labelmap.nrrd"), ct)
     info = json.loads((out / "prediction.json").read_text())
     # Sex, age and weight came from the DICOM header.

@@ -2,12 +2,12 @@
 
 ``Predictor.load(path, device="auto")`` then ``predictor.classify(volume, record, lesion=...)``;
 ``write_outputs`` turns a Classification into prediction.json, heatmap.nrrd, labelmap.nrrd and
-preview.png, atomically.
+preview.png, atomically; ``read_heatmap`` reads heatmap.nrrd back as float 0..1 with its geometry.
 """
 
 from __future__ import annotations
 
-from .outputs import OUTPUT_FILES, prediction_dict, write_outputs
+from .outputs import OUTPUT_FILES, prediction_dict, read_heatmap, write_outputs
 from .predictor import (
     HEATMAP_METHODS,
     InputError,
@@ -28,6 +28,7 @@ __all__ = [
     "class_label_value",
     "lesion_box_ras",
     "prediction_dict",
+    "read_heatmap",
     "resolve_device",
     "validate_ct",
     "write_outputs",

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from MMCAFNetLib.inference.heatmap_file import read_heatmap, write_heatmap, write_labelmap
 from MMCAFNetLib.inference.slicer_files import COLOR_TABLE_FILE, SEGMENTATION_NRRD
 from MMCAFNetLib.plain import to_plain
 from MMCAFNetLib.results import Classification
@@ -27,6 +28,8 @@ OUTPUT_FILES = (
 )
 #: Written besides for a DICOM input (``dicom=True``): a DICOM SEG and a Parametric Map.
 DICOM_OUTPUT_FILES = ("segmentation.dcm", "heatmap.dcm")
+
+__all__ = ["OUTPUT_FILES", "prediction_dict", "read_heatmap", "write_outputs"]
 
 DEMO_NOTE = (
     "DEMO MODEL: trained on synthetic phantoms only. Its output says nothing about real patients; "
@@ -114,7 +117,10 @@ def write_outputs(
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the results")
     tmp = make_staging_folder(out_dir)
+    volume_writes: list = []
     try:
+        # The volumes are compressed on a thread (zlib releases the GIL) while the rest is written.
+        volume_writes = _start_volume_writes(result, tmp)
         if dicom:
             _write_dicom(result, ct, tmp)
         if write_ct:
@@ -122,10 +128,7 @@ def write_outputs(
         info = prediction_dict(result, input_path=input_path, case_id=case_id, record=record,
                                record_from_header=record_from_header)
         (tmp / "prediction.json").write_text(strict_dumps(info, indent=2) + "\n", encoding="utf-8")
-        if result.heatmap is not None:
-            write_volume(result.heatmap, tmp / "heatmap.nrrd")
         if result.labelmap is not None:
-            write_volume(result.labelmap, tmp / "labelmap.nrrd")
             _write_slicer_files(result, tmp)
         if preview and not _has_matplotlib():
             warnings.warn(
@@ -139,11 +142,35 @@ def write_outputs(
                 title += "   DEMO model, synthetic data, not for clinical use"
             box = preview_box_ras if preview_box_ras is not None else result.model.get("lesion_box_ras")
             render_preview(ct, tmp / "preview.png", heatmap=result.heatmap, lesion_box_ras=box, title=title)
+        for future in volume_writes:
+            future.result()  # re-raises a failed write
         written = sorted(p.name for p in tmp.iterdir())
         return _publish(tmp, out_dir, written)
     finally:
+        if volume_writes:  # never remove the folder under a write still running
+            from concurrent.futures import wait
+
+            wait(volume_writes)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_volume_writes(result: Classification, folder: Path) -> list:
+    """Write heatmap.nrrd (compact: uint8, cropped, see ``heatmap_file``) and labelmap.nrrd on a
+    worker thread; returns the futures (empty when there is no heatmap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    if result.heatmap is not None:
+        jobs.append((write_heatmap, result.heatmap, folder / "heatmap.nrrd"))
+    if result.labelmap is not None:
+        jobs.append((write_labelmap, result.labelmap, folder / "labelmap.nrrd"))
+    if not jobs:
+        return []
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcafnet-write")
+    futures = [pool.submit(fn, volume, path) for fn, volume, path in jobs]
+    pool.shutdown(wait=False)  # the submitted writes run on; the caller waits on the futures
+    return futures
 
 
 def _publish(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:

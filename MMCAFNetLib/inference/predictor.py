@@ -89,6 +89,9 @@ class Predictor:
         #: Lesion-guided runs resample only the region their windows cover (same voxels, same
         #: result as preparing the whole CT; False prepares the whole CT, for comparison).
         self.crop_to_lesion = True
+        #: Whole-volume scans evaluate only the windows that reach the lungs (``lung_mask``); False
+        #: evaluates every window holding body tissue, for comparison.
+        self.scan_lungs_only = True
         self._lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------------------------
@@ -170,6 +173,7 @@ class Predictor:
         warnings += clinical_warnings
         box_ras = lesion_box_ras(volume, lesion)
         check_covers_window(volume, self.preset)  # with or without a lesion: a thumbnail is not a CT
+        scan_info: Optional[dict[str, Any]] = None
 
         t = time.perf_counter()
         if box_ras is None:  # a whole-volume scan: refuse early when it cannot fit in memory
@@ -182,15 +186,10 @@ class Predictor:
             centers = list(win.window_centers_for_box(prepared, kji_min, kji_max, self.preset))
         else:
             prepared = win.prepare_volume(volume, self.preset)
-            centers = [
-                c for c in win.sliding_window_centers(prepared, self.preset)
-                if _has_body(win.cut_window(prepared, c, self.preset).array, self.preset)
-            ]
-            if not centers:
-                raise InputError("no window of the CT contains body tissue (all air); check the image")
+            centers, scan_info = self._scan_windows(prepared, warnings)
         timings["prepare_s"] = time.perf_counter() - t
         total = len(centers)
-        bs = int(batch_size) if batch_size else (8 if self.device.type == "cuda" else 2)
+        bs = int(batch_size) if batch_size else memory_guard.default_batch_size(self.device, self.preset.window)
         if bs < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
 
@@ -267,11 +266,30 @@ class Predictor:
                                         "decision_threshold", "demo", "device", "checkpoint")},
                 "heatmap": heatmap,
                 "lesion_box_ras": None if box_ras is None else [[float(v) for v in b] for b in box_ras],
+                **({"scan": scan_info} if scan_info is not None else {}),
             },
             warnings=warnings,
         )
 
     # -- internals ------------------------------------------------------------------------------
+    def _scan_windows(self, prepared: Volume, warnings: list[str]) -> tuple[list, dict[str, Any]]:
+        """Sliding windows of a whole-volume scan; with ``scan_lungs_only`` only those reaching the
+        lungs (``lung_mask``), else those holding body tissue."""
+        win = _windows_module()
+        every = win.sliding_window_centers(prepared, self.preset)
+        if self.scan_lungs_only:
+            from MMCAFNetLib.lung_mask import select_scan_windows
+
+            selection = select_scan_windows(prepared, self.preset, every)
+            centers, method = selection.kept, selection.method
+            warnings.extend(selection.warnings)
+        else:
+            centers = [c for c in every if _has_body(win.cut_window(prepared, c, self.preset).array, self.preset)]
+            method = "body"
+        if not centers:
+            raise InputError("no window of the CT contains body tissue (all air); check the image")
+        return centers, {"windows_tiled": len(every), "windows_evaluated": len(centers), "selection": method}
+
     def _encode_record(self, record: Optional[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
         warnings: list[str] = []
         canonical = self.schema.validate_record({} if record is None else record, notes=warnings)

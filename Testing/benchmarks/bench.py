@@ -14,6 +14,10 @@ Workloads (see docs/performance.md):
   W6  W1-W3 and W5 on CUDA with bf16 (batch 1 and 16), where a CUDA device exists
   W7  Slicer's Apply to outputs through the job API and its worker process (cold and warm), next to
       the Predictor called directly and the Predictor plus writing the scene, on slicer-core's scene
+  W8  `mmcafnet predict` end to end (a fresh process: imports, DICOM read, classification, files) on a
+      synthetic 512x512x313 DICOM series with the bundled model, lesion point and whole volume, in
+      windows' time of one plain eager fp32 `mmcafnet` window measured in the same run, and the size
+      of the output folder
 
 Each workload runs in its own Python process (so one workload's memory does not inflate the
 next one's peak), its variants interleaved round-robin after a warm-up; the figure reported is
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
-ALL = ("W1", "W2", "W3", "W4", "W5", "W6", "W7")
+ALL = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8")
 
 
 def _parse_only(text: Optional[str]) -> List[str]:

@@ -1,4 +1,4 @@
-"""The benchmark's workloads W1-W7 (W7, the Slicer job API, is in workload_slicer.py); each returns result rows.
+"""The benchmark's workloads W1-W8 (W7, the Slicer job API, is in workload_slicer.py); each returns result rows.
 
 Every workload builds its own inputs (random weights, a phantom CT, a DICOM series written with
 pydicom): timings do not depend on trained weights, and nothing outside the repository is needed.
@@ -43,6 +43,9 @@ FULL = {
     "train_repeats": {"mmcafnet": 1, "mmcafnet-lite": 3},
     "probe": (128, (12, 48, 48)),  # channels, spatial size of the dense 3x3x3 probe
     "cuda_batches": (1, 16),
+    "w8_size": 512,  # the synthetic cohort's patient A0001 with seed 7: 512 x 512 x 313 slices at 1 mm
+    "w8_seed": 7,
+    "w8_repeats": 2,
 }
 
 QUICK = {
@@ -59,6 +62,9 @@ QUICK = {
     "train_repeats": {"mmcafnet": 1, "mmcafnet-lite": 1},
     "probe": (16, (8, 16, 16)),
     "cuda_batches": (1, 2),
+    "w8_size": 64,
+    "w8_seed": 7,
+    "w8_repeats": 1,
 }
 
 
@@ -682,6 +688,101 @@ def w6_cuda(cfg: Dict[str, Any]) -> List[Row]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# W8: `mmcafnet predict` end to end, in windows' time
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_predict(series: str, out: str, point: Optional[Sequence[float]]) -> Dict[str, Any]:
+    """One `mmcafnet predict` in a fresh interpreter (start, imports, read, classify, write); its
+    peak memory from the kernel's accounting of that child (``os.wait4``)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "MMCAFNetLib.cli", "predict", "--input", series, "--out", out]
+    if point is not None:
+        cmd += ["--point", *[f"{v:.3f}" for v in point]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mmcafnet predict exited with {proc.returncode}: {stderr[-2000:]}")
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    with open(os.path.join(out, "prediction.json"), encoding="utf-8") as fh:
+        import json
+
+        info = json.load(fh)
+    return {"bytes": size, "peak_rss_mib": usage.ru_maxrss / 1024.0, "windows": len(info["windows"]),
+            "timings": info["timings"], "files": {f: os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)}}
+
+
+def w8_predict(cfg: Dict[str, Any]) -> List[Row]:
+    """`mmcafnet predict` end to end with the bundled demo model on a synthetic 512 x 512 DICOM series
+    (the synthetic cohort writer's), point-guided and whole-volume, next to one plain eager fp32
+    `mmcafnet` window [12, 192, 192] measured in the same run: the ratios are predict's time in
+    windows' time (imports included)."""
+    import shutil
+
+    from MMCAFNetLib.synthetic import write_cohort
+
+    rows: List[Row] = []
+    with tempfile.TemporaryDirectory() as folder:
+        cohort = write_cohort(os.path.join(folder, "cohort"), patients=1, seed=int(cfg["w8_seed"]),
+                              size=int(cfg["w8_size"]), classes="A", extra_series=False)
+        patient = cohort.patients[0]
+        series = patient.series_path
+        shape = f"{cfg['w8_size']}x{cfg['w8_size']}x{patient.num_slices}"
+        base = seeded_model("mmcafnet")
+        for p in base.parameters():
+            p.requires_grad_(False)
+        image, clinical = window_inputs(1, tuple(FULL["window"]) if cfg["w8_size"] >= 512 else tuple(cfg["window"]))
+        runs: Dict[str, List[Dict[str, Any]]] = {"point": [], "scan": []}
+        counter = [0]
+
+        def window() -> None:
+            with torch.no_grad():
+                base(image, clinical)
+
+        def window_one_thread() -> None:  # context: on shared cores two threads stall each other
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                window()
+            finally:
+                torch.set_num_threads(threads)
+
+        def predict(kind: str) -> None:
+            counter[0] += 1
+            out = os.path.join(folder, f"out-{kind}-{counter[0]}")
+            runs[kind].append(_run_predict(series, out, patient.lesion_center_ras if kind == "point" else None))
+            shutil.rmtree(out, ignore_errors=True)
+
+        labels = {"window": f"one plain eager fp32 mmcafnet window ({torch.get_num_threads()} threads)",
+                  "window1": "one plain eager fp32 mmcafnet window, 1 thread", "point": "predict, lesion point",
+                  "scan": "predict, whole volume (no lesion)"}
+        stats = measure_interleaved(
+            {labels["window"]: window, labels["window1"]: window_one_thread,
+             labels["point"]: lambda: predict("point"), labels["scan"]: lambda: predict("scan")},
+            repeats=int(cfg["w8_repeats"]), warmup=1,
+        )
+        window_s = stats[labels["window"]]["median_s"]
+        window1_s = stats[labels["window1"]]["median_s"]
+        for key in ("window", "window1"):
+            rows.append(_row("W8", f"reference for W8 ({list(image.shape[2:])})", labels[key], stats[labels[key]],
+                             model="mmcafnet"))
+        for kind in ("point", "scan"):
+            s = dict(stats[labels[kind]])
+            last = runs[kind][-1]
+            s["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs[kind])
+            in_windows = s["median_s"] / window_s
+            rows.append(_row(
+                "W8", f"mmcafnet predict, bundled demo model, {shape} DICOM series: {in_windows:.2f} windows' time "
+                f"({s['median_s'] / window1_s:.2f} of the 1-thread window), output folder {last['bytes'] / 1e6:.1f} MB",
+                labels[kind], s, windows_time=in_windows, windows_time_one_thread=s["median_s"] / window1_s,
+                output_bytes=last["bytes"], files=last["files"], windows=last["windows"], timings=last["timings"]))
+    return rows
+
+
 WORKLOADS: Dict[str, Callable[..., List[Row]]] = {
     "W1": w1_forward,
     "W2": w2_lesion,
@@ -689,6 +790,7 @@ WORKLOADS: Dict[str, Callable[..., List[Row]]] = {
     "W4": w4_io,
     "W5": w5_train,
     "W6": w6_cuda,
+    "W8": w8_predict,
 }
 
 
