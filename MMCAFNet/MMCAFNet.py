@@ -75,7 +75,7 @@ class MMCAFNetParameterNode:
     lesion: Optional[Union[vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLSegmentationNode]]
     modelId: str = DEMO_MODEL_ID
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    heatmapMethod: Annotated[str, Choice(["attention", "gradcam", "none"])] = "attention"
+    heatmapMethod: Annotated[str, Choice(["model", "attention", "gradcam", "gradcam++", "none"])] = "model"
     heatmapThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     showOutputs: bool = True
     clinicalRecord: str = "{}"

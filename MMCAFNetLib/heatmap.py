@@ -55,6 +55,20 @@ def gradcam_from_gradients(features: torch.Tensor, gradients: torch.Tensor) -> t
     return torch.relu((weights * features.float()).sum(dim=1))
 
 
+def gradcam_plus_plus_from_gradients(features: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018) with the usual exponential-score closed form:
+    per-voxel weights ``alpha = g^2 / (2 g^2 + sum(A) g^3)``, channel weight ``sum(alpha relu(g))``,
+    map ``relu(sum_c w_c A_c)``. Positive gradients of a small region are not averaged away by the
+    rest of the map, which helps small lesions."""
+    g = gradients.float()
+    a = features.float()
+    g2, g3 = g * g, g * g * g
+    denom = 2.0 * g2 + a.sum(dim=(2, 3, 4), keepdim=True) * g3
+    alpha = g2 / torch.where(denom.abs() > 1e-12, denom, torch.ones_like(denom))
+    weights = (alpha * torch.relu(g)).sum(dim=(2, 3, 4), keepdim=True)
+    return torch.relu((weights * a).sum(dim=1))
+
+
 def upsample_map(small: np.ndarray, shape_kji: Sequence[int]) -> np.ndarray:
     """A low-resolution window map ``[d, h, w]`` -> the window's voxel grid (trilinear, cell-centred)."""
     t = torch.as_tensor(np.ascontiguousarray(small), dtype=torch.float32)[None, None]

@@ -220,7 +220,7 @@ def estimate_whole_volume_scan(predictor: Any, volume: Any, batch_size: Optional
     on_cpu = getattr(predictor.device, "type", "cpu") == "cpu"
     params = sum(p.numel() * p.element_size() for p in predictor.model.parameters())
     activations = activation_bytes_per_window(predictor.model, window, predictor.schema.num_features)
-    if heatmap == "gradcam":
+    if heatmap in ("gradcam", "gradcam++"):
         activations *= 2  # the graph is kept for the backward pass, plus its gradients
     window_bytes = int(np.prod(window)) * 4
     return MemoryEstimate(

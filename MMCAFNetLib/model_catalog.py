@@ -28,6 +28,11 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+#: The Predictor's heatmap methods (``inference.predictor.HEATMAP_METHODS``; a test checks they agree),
+#: repeated here so the catalog is read without torch.
+HEATMAP_METHODS = ("attention", "gradcam", "gradcam++")
+
+
 class CatalogError(ValueError):
     """The catalog, a model file or a download is not usable; the message says why and what to do."""
 
@@ -54,6 +59,8 @@ class ModelEntry:
     schema_spec: Optional[dict[str, Any]] = None
     #: the file's size in bytes as the catalog declares it: a download stops past it (plus a margin)
     size: Optional[int] = None
+    #: the heatmap method the model recommends (its checkpoint's ``heatmap`` entry), shown by the GUI
+    heatmap: Optional[str] = None
 
     @property
     def downloadable(self) -> bool:
@@ -95,7 +102,10 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> ModelEntry:
     size = data.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
         raise CatalogError(f"{where}: model {data['id']!r} size must be a positive number of bytes, got {size!r}")
-    known = set(_REQUIRED) | {"file", "url", "description", "schema_spec", "size"}
+    known = set(_REQUIRED) | {"file", "url", "description", "schema_spec", "size", "heatmap"}
+    heatmap = data.get("heatmap")
+    if heatmap is not None and heatmap not in HEATMAP_METHODS:
+        raise CatalogError(f"{where}: model {data['id']!r} heatmap must be one of {HEATMAP_METHODS}, got {heatmap!r}")
     return ModelEntry(
         id=str(data["id"]),
         title=str(data["title"]),
@@ -111,6 +121,7 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> ModelEntry:
         extra={k: v for k, v in data.items() if k not in known},
         schema_spec=spec,
         size=size,
+        heatmap=heatmap,
     )
 
 
@@ -194,6 +205,7 @@ def user_models(models_dir: str | os.PathLike | None = None) -> list[ModelEntry]
                 demo=bool(meta.get("demo", False)),
                 file=str(path),
                 description=str(meta.get("description", "")),
+                heatmap=meta.get("heatmap") if meta.get("heatmap") in HEATMAP_METHODS else None,
                 source="user",
                 schema_spec=meta["schema_spec"] if isinstance(meta.get("schema_spec"), dict) else None,
             )
@@ -259,6 +271,7 @@ def checkpoint_facts(path: Path) -> dict[str, Any]:
         "demo": bool(payload.get("demo", False)),
         "version": str((payload.get("provenance") or {}).get("library_version", "")),
         "title": str(payload.get("model_name", path.stem)),
+        "heatmap": payload.get("heatmap") if payload.get("heatmap") in HEATMAP_METHODS else None,
     }
 
 
@@ -316,6 +329,7 @@ def _register(path: Path, title: Optional[str], facts: Optional[dict[str, Any]] 
         "schema_spec": facts.get("schema_spec"),
         "licence": "unknown",
         "demo": facts["demo"],
+        "heatmap": facts.get("heatmap"),
     }
     _write_json(_sidecar(path), meta)
     return next(e for e in user_models(path.parent) if Path(e.file or "") == path)

@@ -1,4 +1,5 @@
-"""preview.png: axial, coronal and sagittal CT slices through the heatmap peak, with the overlay.
+"""preview.png: axial, coronal and sagittal CT slices through the lesion (or the heatmap peak),
+with the heatmap overlay, a colour bar for it and a legend for the lesion marker.
 
 The volume is shown in the patient frame: its axes are permuted and flipped to the nearest RAS
 axes (oblique grids are shown on their nearest axes, which is enough for a preview), axial and
@@ -58,6 +59,28 @@ def _ras_index(volume: Volume, point_ras: Sequence[float]) -> np.ndarray:
     return out
 
 
+def preview_focus(
+    ct: Volume,
+    heatmap: Optional[Volume] = None,
+    lesion_box_ras: Optional[Sequence[Sequence[float]]] = None,
+    focus_ras: Optional[Sequence[float]] = None,
+) -> tuple[np.ndarray, str]:
+    """(RAS point the three slices pass through, what it is): the given point, else the given
+    lesion's centre, else the heatmap's peak, else the volume's centre."""
+    if focus_ras is not None:
+        return np.asarray(focus_ras, dtype=float), "given point"
+    if lesion_box_ras is not None:
+        return (np.asarray(lesion_box_ras[0], float) + np.asarray(lesion_box_ras[1], float)) / 2, "lesion"
+    if heatmap is not None:
+        from MMCAFNetLib.heatmap import peak_ras
+
+        peak = peak_ras(heatmap)
+        if peak is not None:
+            return np.asarray(peak, dtype=float), "heatmap peak"
+    centre = (np.array(ct.shape[::-1], float) - 1) / 2
+    return ct.ijk_to_ras_points([centre])[0], "volume centre"
+
+
 def render_preview(
     ct: Volume,
     path: str | os.PathLike,
@@ -66,12 +89,18 @@ def render_preview(
     title: str = "",
     focus_ras: Optional[Sequence[float]] = None,
 ) -> Path:
-    """Write a three-view PNG (atomically). Slices pass through ``focus_ras``, else the heatmap
-    peak, else the lesion box centre, else the volume centre."""
+    """Write a three-view PNG (atomically). Slices pass through ``focus_ras``, else the given
+    lesion (the box centre; a point is a box of size 0), else the heatmap peak, else the volume
+    centre: a reader checks the map against the lesion they marked, so the views show that lesion
+    even when the map's peak lies elsewhere. The lesion is drawn as a cyan box (a cross for a
+    point), and a colour bar gives the heatmap's scale."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
     ct_ras = to_ras_array(ct)  # a view; only the three slices drawn are converted to float
@@ -80,17 +109,12 @@ def render_preview(
     axes, _ = _nearest_ras_frame(ct)
     sp_ras = np.array([spacing[2 - axes[r]] for r in range(3)])  # mm along R, A, S
 
-    if focus_ras is None and heatmap is not None and float(heatmap.array.max()) > 0:
-        k, j, i = np.unravel_index(int(np.argmax(heatmap.array)), heatmap.shape)
-        focus_ras = heatmap.ijk_to_ras_points([[i, j, k]])[0]
-    if focus_ras is None and lesion_box_ras is not None:
-        focus_ras = (np.asarray(lesion_box_ras[0], float) + np.asarray(lesion_box_ras[1], float)) / 2
-    if focus_ras is None:
-        centre = (np.array(ct.shape[::-1], float) - 1) / 2
-        focus_ras = ct.ijk_to_ras_points([centre])[0]
+    focus_ras, focus_source = preview_focus(ct, heatmap, lesion_box_ras, focus_ras)
     focus = np.clip(np.round(_ras_index(ct, focus_ras)).astype(int), 0, np.array(ct_ras.shape) - 1)
 
     box_idx = None
+    is_point = lesion_box_ras is not None and bool(
+        np.allclose(np.asarray(lesion_box_ras[0], float), np.asarray(lesion_box_ras[1], float)))
     if lesion_box_ras is not None:
         lo, hi = np.asarray(lesion_box_ras[0], float), np.asarray(lesion_box_ras[1], float)
         corners = [_ras_index(ct, [x, y, z]) for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
@@ -102,9 +126,10 @@ def render_preview(
         ("coronal", (slice(None), focus[1], slice(None)), 0, 2, True),
         ("sagittal", (focus[0], slice(None), slice(None)), 1, 2, False),
     )
-    fig = Figure(figsize=(12, 4.6), dpi=100)
+    fig = Figure(figsize=(12.8, 4.8), dpi=100)
+    grid = fig.add_gridspec(1, 4, width_ratios=[1, 1, 1, 0.045], wspace=0.06)
     for n, (name, sl, h_axis, v_axis, flip_h) in enumerate(views):
-        ax = fig.add_subplot(1, 3, n + 1)
+        ax = fig.add_subplot(grid[0, n])
         # rows = vertical axis (drawn bottom-up), columns = horizontal axis; radiological views put
         # the patient's right (high R) on the image's left.
         def oriented(a: np.ndarray, flip: bool = flip_h) -> np.ndarray:
@@ -125,16 +150,30 @@ def render_preview(
             if flip_h:
                 x0, x1 = w_mm - x1, w_mm - x0
             y0, y1 = lo[v_axis] * sp_ras[v_axis], (hi[v_axis] + 1) * sp_ras[v_axis]
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1.2))
+            if is_point:
+                ax.plot([(x0 + x1) / 2], [(y0 + y1) / 2], marker="+", color="cyan", markersize=14, mew=1.5)
+            else:
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1.2))
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
         left, right = ("R", "L") if flip_h else ("P", "A")
         ax.text(0.02, 0.5, left, color="yellow", transform=ax.transAxes, fontsize=9, va="center")
         ax.text(0.96, 0.5, right, color="yellow", transform=ax.transAxes, fontsize=9, va="center")
+    if heat_ras is not None:
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap="inferno"), cax=fig.add_subplot(grid[0, 3]))
+        bar.set_label("heatmap (0-1; below 0.05 not drawn)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    handles = []
+    if lesion_box_ras is not None:
+        handles.append(Line2D([], [], color="cyan", marker="+" if is_point else "s", linestyle="none",
+                              markerfacecolor="none", markersize=9,
+                              label="lesion point given" if is_point else "lesion box given"))
+    handles.append(Line2D([], [], color="none", label=f"slices through the {focus_source}"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.95, top=0.88, bottom=0.08)
     path = Path(path)
     with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")

@@ -24,7 +24,7 @@ from MMCAFNetLib import job_files, scene
 from MMCAFNetLib.results import Classification
 from MMCAFNetLib.worker_client import STOP_GRACE_S, WorkerError, WorkerProcess, describe_exit, wait_for
 
-HEATMAP_METHODS = ("attention", "gradcam", "none")
+HEATMAP_METHODS = ("model", "attention", "gradcam", "gradcam++", "none")
 DEVICES = ("auto", "cuda", "cpu")
 UNKNOWN = "unknown"
 
@@ -43,7 +43,7 @@ class ClassificationOptions:
 
     model_path: Optional[str] = None
     device: str = "auto"
-    heatmap: str = "attention"  # "attention" | "gradcam" | "none"
+    heatmap: str = "model"  # "model" (the checkpoint's recommended method) | "attention" | "gradcam" | "gradcam++" | "none"
     threshold: float = 0.5
     show: bool = True
 

@@ -193,7 +193,7 @@ class Worker:
         from MMCAFNetLib.job_files import CANCEL_FILE
 
         path, device = str(options["model_path"]), str(options.get("device", "auto"))
-        heatmap = options.get("heatmap", "attention")
+        heatmap = options.get("heatmap", "model")
         cancel = CancelFlag(folder / CANCEL_FILE, self.parent_pid)
 
         def run(predictor: Any) -> Any:

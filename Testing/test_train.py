@@ -114,12 +114,19 @@ def test_checkpoint_contents_and_validation_threshold(cohort, tmp_path):
     assert best["threshold"] == pytest.approx(select_threshold(y, p, "youden"), abs=1e-5)
     assert best["metrics"]["auroc"] == pytest.approx(roc_auc(y, p), abs=1e-6)
 
-    # evaluate on the training split (the only other split here): metrics at the checkpoint's threshold
+    # the checkpoint records its patients (hashed): evaluating the training split is refused ...
+    assert best["seen_patients"]["train"]["series"] and best["heatmap"] == "attention"
     out = tmp_path / "report"
+    with pytest.raises(SystemExit, match="seen by the model"):
+        cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cohort", str(cohort),
+                  "--split", "train", "--out", str(out), "--bootstrap", "50", "--no-progress"])
+    assert not out.exists()
+    # ... unless asked for (the only other split here): metrics at the checkpoint's threshold
     code = cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cohort", str(cohort),
-                     "--split", "train", "--out", str(out), "--bootstrap", "50", "--no-progress"])
+                     "--split", "train", "--out", str(out), "--bootstrap", "50", "--no-progress", "--allow-seen"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seen_patients"]["seen"] == metrics["num_patients"] == metrics["seen_patients"]["seen_train"]
     assert metrics["threshold"] == pytest.approx(best["threshold"])
     ys = np.array([0 if r["label"] == "A" else 1 for r in metrics["patients"]])
     ps = np.array([r["probability"] for r in metrics["patients"]])
@@ -129,7 +136,7 @@ def test_checkpoint_contents_and_validation_threshold(cohort, tmp_path):
     # up to the cache's whole-HU storage
     code = cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cohort", str(cohort),
                      "--split", "train", "--out", str(tmp_path / "report-cached"), "--bootstrap", "50",
-                     "--no-progress", "--cache", str(tmp_path / "cache")])
+                     "--no-progress", "--cache", str(tmp_path / "cache"), "--allow-seen"])
     assert code == 0
     cached = json.loads((tmp_path / "report-cached" / "metrics.json").read_text())
     assert [r["patient_id"] for r in cached["patients"]] == [r["patient_id"] for r in metrics["patients"]]

@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=128, help="in-plane size of the synthetic CT in pixels")
     parser.add_argument("--whole-volume", action="store_true",
                         help="scan the whole CT with sliding windows instead of using the lesion point")
-    parser.add_argument("--heatmap", choices=("attention", "gradcam", "none"), default="attention",
-                        help="how the heatmap is made: the model's attention maps (default), Grad-CAM, or none")
+    parser.add_argument("--heatmap", choices=("model", "attention", "gradcam", "gradcam++", "none"), default="model",
+                        help="heatmap method; model (default): the one the checkpoint recommends, chosen by "
+                             "measured localisation (mmcafnet info shows it)")
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap level drawn into the labelmap")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--checkpoint", metavar="CKPT", help="another model instead of the bundled demo model")

@@ -24,18 +24,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-seen", action="store_true",
+                        help="score patients the checkpoint was trained or validated on (refused by default)")
+    parser.add_argument("--localisation", metavar="METHODS",
+                        help="also measure whether heatmaps point at the lesion: comma-separated methods "
+                             "(model = the checkpoint's own, attention, gradcam, gradcam++) or 'all'")
+    parser.add_argument("--localisation-runs", default="lesion,whole",
+                        help="lesion (lesion box given), whole (whole-volume scan) or both (default)")
+
+
+def _methods(text: str | None) -> list[str] | None:
+    from MMCAFNetLib.inference.predictor import HEATMAP_METHODS, MODEL_DEFAULT
+
+    if not text:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(HEATMAP_METHODS)
+    bad = [n for n in names if n not in (MODEL_DEFAULT, *HEATMAP_METHODS)]
+    if bad:
+        raise SystemExit(f"mmcafnet evaluate: unknown heatmap method(s) {bad} in --localisation; "
+                         f"use {MODEL_DEFAULT}, {', '.join(HEATMAP_METHODS)} or all")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
-    from MMCAFNetLib.evaluate.pipeline import evaluate_checkpoint
+    from MMCAFNetLib.evaluate.pipeline import SeenPatientsError, evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(
-        args.checkpoint, args.cohort, args.split, args.out, aggregate=args.aggregate, device=args.device,
-        num_resamples=args.bootstrap, seed=args.seed, small_lesion_mm=args.small_lesion_mm,
-        batch_size=args.batch_size, progress=not args.no_progress, cache_dir=args.cache,
-    )
+    kinds = [k.strip() for k in args.localisation_runs.split(",") if k.strip()]
+    if not kinds or any(k not in ("lesion", "whole") for k in kinds):
+        raise SystemExit(f"mmcafnet evaluate: --localisation-runs takes lesion, whole or both, not {args.localisation_runs!r}")
+    try:
+        metrics = evaluate_checkpoint(
+            args.checkpoint, args.cohort, args.split, args.out, aggregate=args.aggregate, device=args.device,
+            num_resamples=args.bootstrap, seed=args.seed, small_lesion_mm=args.small_lesion_mm,
+            batch_size=args.batch_size, progress=not args.no_progress, cache_dir=args.cache,
+            allow_seen=args.allow_seen, localisation=_methods(args.localisation), localisation_kinds=kinds,
+        )
+    except SeenPatientsError as exc:
+        raise SystemExit(f"mmcafnet evaluate: {exc}") from None
     for line in metrics.get("warnings") or []:
         print(f"warning: {line}", file=sys.stderr)
     keys = ("auroc", "accuracy", "f1", "specificity", "sensitivity", "ppv", "npv", "macro_f1", "ece", "threshold")
-    print(strict_dumps({"report": f"{args.out}/report.md", **{k: metrics[k] for k in keys if k in metrics}}, indent=2))
+    shown = {"report": f"{args.out}/report.md", **{k: metrics[k] for k in keys if k in metrics}}
+    for method, runs in (metrics.get("localisation") or {}).get("methods", {}).items():
+        for kind, block in runs.items():
+            shown[f"pointing_game_{method}_{kind}"] = block["pointing_game"]
+    print(strict_dumps(shown, indent=2))
     return 0

@@ -63,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clin.add_argument("--smoking", help="smoking history (as the checkpoint's schema lists, e.g. 0 / 1)")
     clin.add_argument("--clinical", metavar="FILE", help="clinical record as JSON (an object) or CSV (one row per case)")
     clin.add_argument("--row", metavar="ID", help="which CSV row: its case_id/patient_id, or a 0-based row number")
-    parser.add_argument("--heatmap", choices=("attention", "gradcam", "none"), default="attention",
-                        help="how the heatmap is made: the model's attention maps (default), Grad-CAM, or none")
+    parser.add_argument("--heatmap", choices=("model", "attention", "gradcam", "gradcam++", "none"), default="model",
+                        help="heatmap method; model (default): the one the checkpoint recommends, chosen by "
+                             "measured localisation (mmcafnet info shows it)")
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap level drawn into the labelmap (0..1)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")

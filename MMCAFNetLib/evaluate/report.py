@@ -185,6 +185,8 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str, model
     lines.append(f"- 95 % confidence intervals: percentile bootstrap over patients, "
                  f"{metrics['bootstrap']['resamples']} resamples, seed {metrics['bootstrap']['seed']}; "
                  f"none for a group with fewer than {MIN_PATIENTS_PER_CLASS} patients of a class")
+    if context.get("seen_patients"):
+        lines.append(f"- Unseen patients: {context['seen_patients']}")
     lines.append("")
 
     roc_curves = []
@@ -202,6 +204,10 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str, model
                   f"| true {names[0]} | {cm[0][0]} | {cm[0][1]} |", f"| true {names[1]} | {cm[1][0]} | {cm[1][1]} |", ""]
         lines += [f"Expected calibration error (10 bins): {_fmt(metrics['ece'])}", ""]
         roc_curves.append((model_label, y, probs))
+        whole = metrics.get("whole_volume")
+        if whole:
+            lines += ["### Whole-volume scans (no lesion given; case score = max over sliding windows)", "",
+                      results_table([(f"{model_label}, whole volume (n={whole['num_patients']})", whole)]), ""]
     else:
         lines += ["## Results", "",
                   f"Macro one-vs-rest AUROC {_fmt(metrics['auroc'])}{_ci(metrics, 'auroc')}, accuracy "
@@ -218,6 +224,13 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str, model
             roc_curves.append((f"{n} vs rest", (y == i).astype(int), probs[:, i]))
     plot_roc(roc_curves, out / "roc.png", title=f"ROC - {model_label}")
     plot_calibration(y, probs, out / "calibration.png", title=f"Calibration - {model_label}", ece=metrics["ece"])
+    if metrics.get("localisation"):
+        from MMCAFNetLib.evaluate.localisation import report_lines
+
+        lines += report_lines(metrics["localisation"])
+        default = metrics["localisation"].get("default_method")
+        if default:
+            lines += [f"The checkpoint's default heatmap method: {default}.", ""]
     lines += ["## Plots", "", "![ROC](roc.png)", "", "![Calibration](calibration.png)", ""]
     if context.get("notes"):
         lines += ["## Notes", "", *context["notes"], ""]

@@ -33,7 +33,18 @@ from MMCAFNetLib.volume import Volume, grid_corners_ras, resample_to_grid
 ProgressCallback = Callable[[int, int], None]
 Lesion = Union[None, Sequence[float], np.ndarray, Volume]
 
-HEATMAP_METHODS = ("attention", "gradcam")
+HEATMAP_METHODS = ("attention", "gradcam", "gradcam++")
+#: ``heatmap=MODEL_DEFAULT`` asks for the method the checkpoint recommends (its ``heatmap`` entry).
+MODEL_DEFAULT = "model"
+#: The method for checkpoints that name none (written before the entry existed): Grad-CAM
+#: localised the lesion far more often than the untrained-for attention maps on those models.
+LEGACY_HEATMAP = "gradcam"
+#: Grad-CAM layers: "last" is the last pyramid map (``ModelOutput.features``, the deepest grid);
+#: "fine" is the finest pyramid level after its attention block (4 x finer in-plane).
+GRADIENT_LAYERS = ("last", "fine")
+#: How windows' maps are weighted before they are combined: by the window's probability of the
+#: predicted class, or not at all (the map's own values decide, e.g. a lesion-supervised attention map).
+WINDOW_WEIGHTINGS = ("probability", "none")
 
 #: HU above which a voxel counts as body (lung parenchyma is about -850, air -1000).
 BODY_HU = -900.0
@@ -92,6 +103,15 @@ class Predictor:
         #: Whole-volume scans evaluate only the windows that reach the lungs (``lung_mask``); False
         #: evaluates every window holding body tissue, for comparison.
         self.scan_lungs_only = True
+        #: Gradient maps' layer and the windows' weighting: the checkpoint's choice, else the defaults.
+        options = dict(payload.get("heatmap_options") or {})
+        self.gradient_layer = str(options.get("gradient_layer", "last"))
+        self.window_weighting = str(options.get("window_weighting", "probability"))
+        if self.gradient_layer not in GRADIENT_LAYERS or self.window_weighting not in WINDOW_WEIGHTINGS:
+            raise ckpt.CheckpointError(
+                f"{source or 'checkpoint'}: unknown heatmap options {options}; this MMCAFNetLib knows gradient layers "
+                f"{GRADIENT_LAYERS} and window weightings {WINDOW_WEIGHTINGS}. Update MMCAFNetLib."
+            )
         self._lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------------------------
@@ -113,6 +133,26 @@ class Predictor:
         predictor = cls(payload, model, dev, source=str(path))
         predictor.payload["sha256"] = file_sha256(path)
         return predictor
+
+    @property
+    def default_heatmap(self) -> str:
+        """The heatmap method the checkpoint recommends (chosen by measured localisation), or
+        :data:`LEGACY_HEATMAP` for checkpoints that name none."""
+        name = self.payload.get("heatmap")
+        return str(name) if name in HEATMAP_METHODS else LEGACY_HEATMAP
+
+    def resolve_heatmap(self, heatmap: Optional[str]) -> Optional[str]:
+        """``"model"`` -> the checkpoint's method; ``None``/``"none"`` -> no heatmap; else checked as given."""
+        if heatmap is None or heatmap == "none":
+            return None
+        if heatmap == MODEL_DEFAULT:
+            return self.default_heatmap
+        if heatmap not in HEATMAP_METHODS:
+            raise InputError(
+                f"unknown heatmap method {heatmap!r}; use {MODEL_DEFAULT!r} (the model's own choice, "
+                f"{self.default_heatmap}), one of {HEATMAP_METHODS}, or None"
+            )
+        return heatmap
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -137,6 +177,7 @@ class Predictor:
             "metrics": dict(self.payload.get("metrics") or {}),
             "demo": self.is_demo,
             "device": str(self.device),
+            "default_heatmap": self.default_heatmap,
         }
 
     # -- classification -------------------------------------------------------------------------
@@ -145,13 +186,14 @@ class Predictor:
         volume: Volume,
         record: Optional[dict[str, Any]] = None,
         lesion: Lesion = None,
-        heatmap: Optional[str] = "attention",
+        heatmap: Optional[str] = MODEL_DEFAULT,
         threshold: float = 0.5,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[threading.Event] = None,
         batch_size: Optional[int] = None,
     ) -> Classification:
-        """Classify one CT. ``threshold`` is the heatmap level from which the labelmap is drawn.
+        """Classify one CT. ``threshold`` is the heatmap level from which the labelmap is drawn;
+        ``heatmap`` is a method name, ``"model"`` (the checkpoint's recommended method) or None.
 
         Raises :class:`InputError` (a ValueError) for unusable input and ``results.Cancelled`` when
         ``cancel`` is set (checked between batches); a cancelled call returns nothing.
@@ -164,8 +206,7 @@ class Predictor:
 
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
-        if heatmap is not None and heatmap not in HEATMAP_METHODS:
-            raise InputError(f"unknown heatmap method {heatmap!r}; use one of {HEATMAP_METHODS} or None")
+        heatmap = self.resolve_heatmap(heatmap)
         if not 0.0 <= float(threshold) <= 1.0:
             raise InputError(f"the heatmap threshold must lie in 0..1, got {threshold}")
         warnings = validate_ct(volume)
@@ -241,7 +282,8 @@ class Predictor:
             canvas = hm.WindowCanvas(canvas_shape, canvas_affine)
             for (aff, shape), small, wp in zip(window_geoms, maps_all, window_probs):
                 m = small[predicted] if small.ndim == 4 else small
-                canvas.add(hm.upsample_map(m, shape) * float(wp[predicted]), aff)
+                weight = float(wp[predicted]) if self.window_weighting == "probability" else 1.0
+                canvas.add(hm.upsample_map(m, shape) * weight, aff)
             _check_cancel(cancel)
             heat_vol = hm.heatmap_volume(canvas, volume)
             heat_vol.meta.update(method=heatmap, predicted_class=self.class_names[predicted])
@@ -321,7 +363,7 @@ class Predictor:
         """
         image = image.to(self.device, non_blocking=True)
         clinical = clinical.to(self.device, non_blocking=True)
-        if heatmap != "gradcam":
+        if heatmap not in ("gradcam", "gradcam++"):
             with torch.inference_mode():
                 out = self._forward(image, clinical)
                 probs = self._probabilities(out.logits)
@@ -329,31 +371,54 @@ class Predictor:
                     return probs, None
                 maps = hm.combine_attention_levels(list(out.attention)).cpu().numpy()
             return probs, list(maps)
-        with torch.enable_grad():
-            image = image.detach().requires_grad_(True)
-            out = self._forward(image, clinical)
-            feats = out.features
-            if feats is None:
-                raise InputError("this model exposes no feature map for Grad-CAM; use heatmap='attention'")
-            logits = out.logits.float()
-            scores = [logits[:, 0]] if self.binary else [logits[:, c] for c in range(logits.shape[1])]
-            cams = []
-            for i, s in enumerate(scores):
-                (grad,) = torch.autograd.grad(s.sum(), feats, retain_graph=i < len(scores) - 1)
-                cams.append(grad)
-            with torch.no_grad():
-                if self.binary:
-                    per_class = [hm.gradcam_from_gradients(feats, -cams[0]), hm.gradcam_from_gradients(feats, cams[0])]
-                else:
-                    per_class = [hm.gradcam_from_gradients(feats, g) for g in cams]
-                stacked = torch.stack(per_class, dim=1).cpu().numpy()  # [B, C, d, h, w]
-                probs = self._probabilities(logits.detach())
+        captured: dict[str, torch.Tensor] = {}
+        handle = None
+        if self.gradient_layer == "fine":
+            layer = _finest_pyramid_block(self.model)
+            if layer is not None:
+                def keep_features(_module, _inputs, output) -> None:  # returns None: the output is unchanged
+                    captured["features"] = output[0]
+
+                handle = layer.register_forward_hook(keep_features)
+        try:
+            with torch.enable_grad():
+                image = image.detach().requires_grad_(True)
+                out = self._forward(image, clinical)
+                feats = captured.get("features", out.features)
+                if feats is None:
+                    raise InputError("this model exposes no feature map for Grad-CAM; use heatmap='attention'")
+                logits = out.logits.float()
+                scores = [logits[:, 0]] if self.binary else [logits[:, c] for c in range(logits.shape[1])]
+                grads = []
+                for i, s in enumerate(scores):
+                    (grad,) = torch.autograd.grad(s.sum(), feats, retain_graph=i < len(scores) - 1)
+                    grads.append(grad)
+        finally:
+            if handle is not None:
+                handle.remove()
+        cam = hm.gradcam_plus_plus_from_gradients if heatmap == "gradcam++" else hm.gradcam_from_gradients
+        with torch.no_grad():
+            feats = feats.detach()
+            if self.binary:
+                per_class = [cam(feats, -grads[0]), cam(feats, grads[0])]
+            else:
+                per_class = [cam(feats, g) for g in grads]
+            stacked = torch.stack(per_class, dim=1).cpu().numpy()  # [B, C, d, h, w]
+            probs = self._probabilities(logits.detach())
         return probs, list(stacked)
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation and geometry helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _finest_pyramid_block(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The attention block of the finest pyramid level (its output is (features, attention map))."""
+    encoder = getattr(model, "image_encoder", None)
+    pyramid = getattr(encoder, "pyramid", None)
+    blocks = getattr(pyramid, "msca", None)
+    return blocks[0] if blocks is not None and len(blocks) else None
 
 
 def validate_ct(volume: Volume) -> list[str]:

@@ -36,7 +36,9 @@ class PENetBottleneck(nn.Module):
     Stochastic depth: while training, each sample's residual branch survives with probability
     ``survival_prob`` and is scaled by ``1 / survival_prob`` (inverted, per sample), so evaluation
     uses the plain sum, exactly as the reference does, and every parameter takes part in every
-    step (no unused parameters under DistributedDataParallel).
+    step (no unused parameters under DistributedDataParallel). The reference instead drops the
+    branch for the whole batch and does not rescale (``drop_rule = "batch"``), so its training
+    sees a branch weighted by ``survival_prob`` on average and evaluation by 1.
     """
 
     def __init__(
@@ -56,6 +58,8 @@ class PENetBottleneck(nn.Module):
                 f"{cardinality}: use out_channels >= {2 * cardinality} or a smaller cardinality"
             )
         self.survival_prob = float(survival_prob)
+        #: "sample" (default) or "batch" (the reference's rule); see :func:`set_stochastic_depth_rule`
+        self.drop_rule = "sample"
         self.shortcut = (
             ConvNorm3d(in_channels, out_channels, 1, stride=stride, norm="group")
             if stride != 1 or in_channels != out_channels
@@ -77,8 +81,12 @@ class PENetBottleneck(nn.Module):
         y = F.leaky_relu(self.norm2(self.conv2(y)), inplace=True)
         y = self.se(self.norm3(self.conv3(y)))
         if self.training and self.survival_prob < 1.0:
-            keep = torch.rand(y.shape[0], 1, 1, 1, 1, device=y.device, dtype=y.dtype) < self.survival_prob
-            y = y * keep / self.survival_prob
+            if self.drop_rule == "batch":  # the reference: the whole batch, no rescaling
+                keep = torch.rand((), device=y.device) < self.survival_prob
+                y = y * keep.to(y.dtype)
+            else:
+                keep = torch.rand(y.shape[0], 1, 1, 1, 1, device=y.device, dtype=y.dtype) < self.survival_prob
+                y = y * keep / self.survival_prob
         return F.leaky_relu(y + skip, inplace=True)
 
 
@@ -182,3 +190,17 @@ class PENetBackbone(nn.Module):
             x = stage(x)
             levels.append(x)
         return levels
+
+
+def set_stochastic_depth_rule(model: nn.Module, rule: str) -> int:
+    """Set the stochastic-depth rule of every bottleneck in ``model``: ``"sample"`` (per sample,
+    rescaled; the default) or ``"batch"`` (whole batch, not rescaled; the reference code).
+    A training-time rule only: evaluation is the same under both. Returns the blocks changed."""
+    if rule not in ("sample", "batch"):
+        raise ValueError(f"stochastic depth rule must be 'sample' or 'batch', got {rule!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, PENetBottleneck):
+            module.drop_rule = rule
+            count += 1
+    return count

@@ -60,6 +60,10 @@ class TrainConfig:
     # imputed values): the model learns to classify from the image when the form is left empty,
     # and its image branch cannot lean on the record alone
     record_dropout: float = 0.0
+    # weight of the weak box supervision of the spatial-attention (SAB) maps: each level's map is
+    # pushed towards 1 inside the lesion box and 0 outside (train.losses.attention_box_loss), so
+    # the model's own attention becomes a lesion map; 0 = off (the paper recipe)
+    attention_supervision: float = 0.0
     num_workers: int = 0
     cache_dir: Optional[str] = None
     # validation and stopping
@@ -76,10 +80,17 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA where supported, fp16 with a scaler otherwise
     channels_last: bool = True  # channels_last_3d on CUDA
     batchnorm: str = "auto"  # "auto" (sync under CUDA DDP) | "train" | "sync" | "frozen"
+    # stochastic depth rule while training: "sample" drops each sample's residual branch on its
+    # own and rescales the survivors by 1 / survival (unbiased); "batch" drops the branch for the
+    # whole batch without rescaling, as the reference code does (the paper recipe)
+    stochastic_depth: str = "sample"
     keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch-NNN.pt
     stop_after_epochs: Optional[int] = None  # stop as if killed (tests resumption)
     progress: bool = True
     demo: bool = False  # the checkpoint is trained on synthetic data
+    # the heatmap method the checkpoint recommends (the Predictor's default for it): "attention"
+    # or "gradcam"; chosen by the localisation measured with `mmcafnet evaluate --localisation`
+    heatmap: str = "attention"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +123,9 @@ class TrainConfig:
             (self.batchnorm in ("auto", "train", "sync", "frozen"), "batchnorm must be auto, train, sync or frozen"),
             (self.windows_per_patient >= 1, "windows_per_patient must be at least 1"),
             (0.0 <= self.record_dropout <= 1.0, "record_dropout must lie in [0, 1]"),
+            (self.attention_supervision >= 0.0, "attention_supervision must be >= 0 (0 = off)"),
+            (self.heatmap in ("attention", "gradcam", "gradcam++"), "heatmap must be 'attention', 'gradcam' or 'gradcam++'"),
+            (self.stochastic_depth in ("sample", "batch"), "stochastic_depth must be 'sample' or 'batch'"),
             (0.0 <= self.scale_range < 1.0, "scale_range must lie in [0, 1) (e.g. 0.1 for a +-10 % zoom)"),
             (self.selection_metric in ("auroc", "loss"), "selection_metric must be 'auroc' or 'loss'"),
         ]

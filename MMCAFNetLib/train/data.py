@@ -15,6 +15,7 @@ random state, so a resumed run and a run split over N processes draw the same wi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any, Optional
@@ -113,10 +114,12 @@ class PatientWindows:
     label: int
     patient_id: str
     lesion_size_mm: float
+    #: 1 inside the lesion box, 0 elsewhere, on the crop's grid (for attention supervision); None when unused
+    box_mask: Optional[np.ndarray] = None
 
 
 def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical: np.ndarray, label: int,
-                    cache: Optional[PreprocessCache] = None) -> PatientWindows:
+                    cache: Optional[PreprocessCache] = None, with_box_mask: bool = False) -> PatientWindows:
     """The patient's lesion crop; the prepared CT comes from ``cache`` (built there on first use)
     or, without a cache, is read and prepared here."""
     uid = row.get("series_uid") if hasattr(row, "get") else None
@@ -136,7 +139,14 @@ def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical:
     stop = cs.max(axis=0) + margin + 1
     crop = _crop(prepared, start, stop, fill=-1000.0)
     local = [tuple(int(v) for v in (np.array(c) - start)) for c in centers]
-    return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row))
+    mask = None
+    if with_box_mask:
+        mask = np.zeros(crop.array.shape, dtype=np.float32)
+        lo = np.maximum(np.array(kmin) - start, 0)
+        hi = np.minimum(np.array(kmax) - start + 1, np.array(mask.shape))
+        if np.all(hi > lo):
+            mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1.0
+    return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row), mask)
 
 
 def jitter_margin(preset: Preset, jitter_slices: int) -> tuple[int, int, int]:
@@ -186,7 +196,10 @@ class LesionWindowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _window(self, pw: PatientWindows, center, rng: Optional[np.random.Generator]) -> np.ndarray:
+    def _window(self, pw: PatientWindows, center, rng: Optional[np.random.Generator]
+                ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The image window (augmented when ``rng`` is given) and, when the patient has a box mask,
+        the mask's window under the same shift and augmentation (else None)."""
         center = np.array(center)
         if rng is not None:
             slices, *inplane = jitter_margin(self.preset, self.jitter_slices)
@@ -196,11 +209,17 @@ class LesionWindowDataset(Dataset):
                 rng.integers(-shift_inplane, shift_inplane + 1),
             ]
         array = np.asarray(win.cut_window(pw.crop, tuple(int(v) for v in center), self.preset).array, dtype=np.float32)
+        mask = None
+        if pw.box_mask is not None:
+            mask = _cut(pw.box_mask, center, self.preset.window)
         if rng is not None:
-            array = win.augment(array, rng, self.preset, rotate_degrees=int(self.rotate_degrees),
-                                flip_probability=0.5 if self.flip else 0.0, scale_range=self.scale_range,
-                                mirror_all_axes=self.mirror_all_axes)
-        return array
+            mask_rng = copy.deepcopy(rng) if mask is not None else None  # the same draws as the image's
+            options = dict(rotate_degrees=int(self.rotate_degrees), flip_probability=0.5 if self.flip else 0.0,
+                           scale_range=self.scale_range, mirror_all_axes=self.mirror_all_axes)
+            array = win.augment(array, rng, self.preset, **options)
+            if mask is not None:
+                mask = win.augment(mask, mask_rng, None, fill=0.0, **options)
+        return array, mask
 
     def __getitem__(self, key) -> dict[str, Any]:
         if isinstance(key, (tuple, list)):
@@ -213,13 +232,13 @@ class LesionWindowDataset(Dataset):
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, draw, index])
             center = pw.centers[int(rng.integers(len(pw.centers)))]
-            array = self._window(pw, center, rng if self.augment else None)
+            array, mask = self._window(pw, center, rng if self.augment else None)
             # drawn last, and only when on, so runs without it keep their augmentation draws
             if self.record_dropout and rng.random() < self.record_dropout:
                 clinical = self.unknown_clinical
         else:
-            array = self._window(pw, pw.centers[c], None)
-        return {
+            array, mask = self._window(pw, pw.centers[c], None)
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(array))[None],
             "clinical": torch.from_numpy(clinical),
             "label": pw.label,
@@ -227,10 +246,28 @@ class LesionWindowDataset(Dataset):
             "index": index,
             "lesion_size_mm": pw.lesion_size_mm,
         }
+        if mask is not None:
+            item["box_mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+        return item
+
+
+def _cut(array: np.ndarray, center, size) -> np.ndarray:
+    """The window of ``size`` (D, H, W) centred on ``center`` as ``windows.cut_window`` places it; 0 outside."""
+    size = np.array(size, dtype=np.int64)
+    start = np.rint(np.asarray(center, dtype=np.float64)).astype(np.int64) - size // 2
+    out = np.zeros(tuple(size), dtype=np.float32)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, np.array(array.shape))
+    if np.all(hi > lo):
+        out[lo[0] - start[0]:hi[0] - start[0], lo[1] - start[1]:hi[1] - start[1], lo[2] - start[2]:hi[2] - start[2]] = \
+            array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return out
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    extra = {"box_mask": torch.stack([b["box_mask"] for b in batch])} if all("box_mask" in b for b in batch) else {}
     return {
+        **extra,
         "image": torch.stack([b["image"] for b in batch]),
         "clinical": torch.stack([b["clinical"] for b in batch]),
         "label": torch.tensor([b["label"] for b in batch], dtype=torch.long),
@@ -255,8 +292,9 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
 
         iterator = tqdm(rows, desc=f"prepare {'train' if train else 'eval'} CTs", leave=False, dynamic_ncols=True)
     cache = PreprocessCache(config.cache_dir) if config.cache_dir else None
+    with_mask = bool(train and getattr(config, "attention_supervision", 0.0) > 0)
     patients = [
-        prepare_patient(row, preset, jitter, clinical[i], classes.index(row["label"]), cache)
+        prepare_patient(row, preset, jitter, clinical[i], classes.index(row["label"]), cache, with_mask)
         for i, row in enumerate(iterator)
     ]
     unknown = schema.encode([{}])[0].astype(np.float32)  # every field "unknown": the fitted imputations

@@ -45,7 +45,7 @@ from MMCAFNetLib.plain import to_plain as plain
 from MMCAFNetLib.strict_json import dumps as strict_dumps
 from MMCAFNetLib.train import distributed as D
 from MMCAFNetLib.train.config import TrainConfig
-from MMCAFNetLib.train.losses import build_loss
+from MMCAFNetLib.train.losses import attention_box_loss, build_loss
 from MMCAFNetLib.train.sampling import EpochSampler
 
 LAST = "last.pt"
@@ -257,6 +257,10 @@ class Trainer:
         self.cohort = cohort
         self.train_df, self.val_df = data_module.split_cohort(cohort, config)
         self.data = data_module
+        from MMCAFNetLib.evaluate.seen import seen_patients_record
+
+        #: hashed IDs of the training and validation patients, so evaluation can refuse them
+        self.seen_patients = seen_patients_record(self.train_df, self.val_df)
 
     # -- construction
     def _build(self) -> None:
@@ -279,6 +283,10 @@ class Trainer:
             self.init_info = self.data.load_initial_weights(model, config.init, list(config.init_parts) or None)
         else:
             self.init_info = {}
+        if config.stochastic_depth != "sample":
+            from MMCAFNetLib.models.backbone import set_stochastic_depth_rule
+
+            set_stochastic_depth_rule(model, config.stochastic_depth)
         if config.freeze:
             from MMCAFNetLib.models import freeze
 
@@ -374,6 +382,8 @@ class Trainer:
             },
             "metrics": plain(metrics),
             "demo": bool(config.demo),
+            "seen_patients": self.seen_patients,
+            "heatmap": config.heatmap,
             "train_config": plain(config.to_dict()),
         }
 
@@ -459,8 +469,11 @@ class Trainer:
             sync_context = self.model.no_sync() if (self.ctx.enabled and not boundary) else _null_context()
             with sync_context:
                 with autocast_context(self.device, config.amp):
-                    logits = self.model(image, clinical).logits
-                loss = self.loss_fn(logits.float(), target)
+                    out = self.model(image, clinical)
+                loss = self.loss_fn(out.logits.float(), target)
+                if config.attention_supervision > 0:
+                    mask = batch["box_mask"].to(self.device, non_blocking=True)
+                    loss = loss + config.attention_supervision * attention_box_loss(list(out.attention), mask)
                 self.scaler.scale(loss / config.grad_accum).backward()
             if boundary:
                 if config.grad_clip > 0:

@@ -69,3 +69,33 @@ def build_loss(kind: str, num_outputs: int, gamma: float = 2.0, alpha: Optional[
         if kind in ("ce", "bce"):
             return MultiClassFocalLoss(0.0, label_smoothing)
     raise ValueError(f"unknown loss {kind!r}; choose focal, bce or ce")
+
+
+def attention_box_loss(attention: list[torch.Tensor], box_mask: torch.Tensor) -> torch.Tensor:
+    """Weak box supervision of the spatial-attention maps: class-balanced binary cross-entropy
+    between each level's map ``[B, 1, d, h, w]`` (values in 0..1) and the share of each map cell
+    that lies inside the lesion box (``box_mask`` ``[B, 1, D, H, W]`` on the window's voxels,
+    average-pooled to the level's grid).
+
+    Inside and outside count equally (each is a weighted mean over its cells), so a lesion of a
+    few voxels in a large window is not drowned by the background; windows whose mask is empty
+    add nothing. The mean over levels and windows is returned (0 when no window has a box).
+    """
+    if not attention:
+        raise ValueError("attention supervision needs a model with spatial-attention maps (model.attention is empty)")
+    mask = box_mask.float()
+    losses = []
+    for level in attention:
+        m = level.float().clamp(1e-6, 1 - 1e-6)
+        if m.dim() == 4:
+            m = m.unsqueeze(1)
+        target = F.adaptive_avg_pool3d(mask, tuple(m.shape[-3:])).clamp(0.0, 1.0)
+        inside = target.sum(dim=(1, 2, 3, 4))
+        outside = (1.0 - target).sum(dim=(1, 2, 3, 4))
+        pos = -(target * m.log()).sum(dim=(1, 2, 3, 4)) / inside.clamp(min=1e-6)
+        neg = -((1.0 - target) * (1.0 - m).log()).sum(dim=(1, 2, 3, 4)) / outside.clamp(min=1e-6)
+        per_window = 0.5 * (pos + neg)
+        losses.append(torch.where(inside > 1e-6, per_window, torch.zeros_like(per_window)))
+    stacked = torch.stack(losses)  # [levels, B]
+    has_box = (mask.flatten(1).amax(dim=1) > 0).float()
+    return (stacked * has_box).sum() / (has_box.sum() * len(attention)).clamp(min=1.0)

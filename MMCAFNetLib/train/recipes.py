@@ -52,6 +52,8 @@ PAPER_COMMON: dict[str, Any] = {
     "seed": 0,
     "jitter_slices": 6,
     "rotate_degrees": 15.0,
+    "attention_supervision": 0.0,
+    "stochastic_depth": "batch",
 }
 
 #: What each paper stage trains; the parts are names understood by ``models.freeze``.

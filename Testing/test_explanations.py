@@ -1,0 +1,299 @@
+"""Explanations that point at the lesion: the localisation measures, the box supervision of the
+attention maps, the seen-patient record, the model's default heatmap, Grad-CAM++, the preview's
+focus and the reference's stochastic-depth rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from MMCAFNetLib.evaluate.localisation import localisation_record, mass_in_box, point_in_box, summarise
+from MMCAFNetLib.volume import Volume
+
+
+def _grid(shape=(10, 20, 30), spacing=(2.0, 1.0, 1.5), origin=(-10.0, 5.0, 3.0)) -> np.ndarray:
+    """IJK -> RAS with spacing (i, j, k) and an offset origin."""
+    m = np.eye(4)
+    m[0, 0], m[1, 1], m[2, 2] = spacing[2], spacing[1], spacing[0]
+    m[:3, 3] = origin
+    return m
+
+
+# ----------------------------------------------------------------------------- localisation measures
+def test_point_in_box_with_margin():
+    lo, hi = np.array([0.0, 0.0, 0.0]), np.array([10.0, 10.0, 10.0])
+    assert point_in_box([5, 5, 5], lo, hi) and point_in_box([10, 0, 0], lo, hi)
+    assert not point_in_box([14, 5, 5], lo, hi) and point_in_box([14, 5, 5], lo, hi, margin_mm=5)
+    assert not point_in_box([15.5, 5, 5], lo, hi, margin_mm=5)
+    assert point_in_box([5, 5, 5], hi, lo)  # corners in any order
+    assert not point_in_box(None, lo, hi)
+
+
+def test_mass_in_box_and_pointing_on_a_known_map():
+    affine = _grid()
+    arr = np.zeros((10, 20, 30), dtype=np.float32)
+    arr[4:6, 8:12, 10:14] = 1.0  # the "lesion" block
+    arr[0, 0, 0] = 0.5  # a little mass elsewhere
+    heat = Volume(arr, affine)
+    # the block's voxel centres in RAS: i 10..13, j 8..11, k 4..5
+    lo = heat.ijk_to_ras_points([[10, 8, 4]])[0]
+    hi = heat.ijk_to_ras_points([[13, 11, 5]])[0]
+    expected = arr[4:6, 8:12, 10:14].sum() / arr.sum()
+    assert mass_in_box(heat, lo, hi) == pytest.approx(expected)
+    rec = localisation_record(heat, lo, hi, margin_mm=0.0)
+    assert rec["hit"] and rec["distance_mm"] == 0.0
+    # a box far from the peak: a miss, with the distance from the peak to the box
+    far_lo, far_hi = lo + np.array([100.0, 0, 0]), hi + np.array([100.0, 0, 0])
+    miss = localisation_record(heat, far_lo, far_hi, margin_mm=5.0)
+    assert not miss["hit"] and miss["distance_mm"] > 90 and miss["mass_in_box"] == 0.0
+    # an all-zero map points nowhere
+    empty = localisation_record(Volume(np.zeros_like(arr), affine), lo, hi, margin_mm=5.0)
+    assert not empty["hit"] and np.isnan(empty["mass_in_box"])
+
+
+def test_summary_splits_small_lesions_and_bootstraps():
+    def patient(size, hit, mass):
+        rec = {"hit": hit, "mass_in_box": mass, "distance_mm": 0.0 if hit else 20.0, "margin_mm": 5.0}
+        return {"patient_id": "p", "lesion_size_mm": size, "runs": {"attention": {"lesion": rec}}}
+
+    rows = [patient(8, True, 0.5)] * 4 + [patient(30, False, 0.1)] * 6
+    s = summarise(rows, ["attention"], ["lesion"], small_lesion_mm=10, num_resamples=300)
+    block = s["methods"]["attention"]["lesion"]
+    assert block["pointing_game"] == pytest.approx(0.4) and block["mass_in_box"] == pytest.approx(0.26)
+    assert block["small"]["pointing_game"] == 1.0 and block["small"]["num_patients"] == 4
+    assert block["large"]["pointing_game"] == 0.0 and block["large"]["num_patients"] == 6
+    lo, hi = block["ci95"]["pointing_game"]
+    assert 0.0 <= lo < 0.4 < hi <= 1.0
+
+
+# ----------------------------------------------------------------------------- box supervision
+def test_attention_box_loss_prefers_maps_on_the_box_and_ignores_empty_masks():
+    from MMCAFNetLib.train.losses import attention_box_loss
+
+    mask = torch.zeros(2, 1, 8, 32, 32)
+    mask[0, :, 2:6, 10:18, 12:20] = 1.0  # window 0 has a lesion, window 1 none
+    on_box = torch.nn.functional.adaptive_avg_pool3d(mask, (4, 8, 8)).clamp(0.02, 0.98)
+    off_box = 1.0 - on_box
+    good = attention_box_loss([on_box], mask)
+    bad = attention_box_loss([off_box], mask)
+    assert float(good) < float(bad)
+    # only window 1 (no box) differs: the loss does not change
+    changed = on_box.clone()
+    changed[1] = 0.9
+    assert float(attention_box_loss([changed], mask)) == pytest.approx(float(good))
+    assert float(attention_box_loss([on_box], torch.zeros_like(mask))) == 0.0
+    # a gradient step on a flat map raises it inside the box and lowers it outside
+    flat = torch.full((1, 1, 4, 8, 8), 0.5, requires_grad=True)
+    attention_box_loss([flat], mask[:1]).backward()
+    share = torch.nn.functional.adaptive_avg_pool3d(mask[:1], (4, 8, 8))
+    assert (flat.grad[share > 0.99] < 0).all() and (flat.grad[share == 0] > 0).all()
+
+
+def test_training_items_carry_the_box_mask_through_the_augmentation():
+    from MMCAFNetLib.preset import Preset
+    from MMCAFNetLib.train.data import LesionWindowDataset, PatientWindows
+
+    preset = Preset(name="t", spacing=(4.0, 4.0, 4.0), window=(8, 32, 32), hu_range=(-1000.0, 400.0), mean=0.3)
+    crop = np.full((16, 48, 48), -1000.0, dtype=np.float32)
+    mask = np.zeros_like(crop)
+    crop[6:10, 20:26, 22:30] = 40.0  # a bright "lesion" exactly where the box is
+    mask[6:10, 20:26, 22:30] = 1.0
+    pw = PatientWindows(Volume(crop, np.eye(4)), [(8, 23, 26)], np.zeros(7, np.float32), 1, "p1", 10.0, mask)
+    ds = LesionWindowDataset([pw], preset, train=True, seed=5, windows_per_patient=6, jitter_slices=1,
+                             rotate_degrees=15, flip=True)
+    for draw in range(6):
+        item = ds[(draw, draw, 0)]
+        image, box = item["image"][0].numpy(), item["box_mask"][0].numpy()
+        assert box.shape == image.shape and box.max() > 0.5
+        bright = image > image.min() + 0.5 * (image.max() - image.min())
+        # the lesion's voxels and the mask coincide after shift, rotation and flip
+        overlap = (bright & (box > 0.5)).sum() / max(bright.sum(), 1)
+        assert overlap > 0.7, overlap
+    # without the mask (supervision off) items have no box and the image draws are unchanged
+    plain = LesionWindowDataset([PatientWindows(pw.crop, pw.centers, pw.clinical, 1, "p1", 10.0)], preset,
+                                train=True, seed=5, windows_per_patient=6, jitter_slices=1)
+    item = plain[(2, 2, 0)]
+    assert "box_mask" not in item
+    np.testing.assert_array_equal(item["image"].numpy(), ds[(2, 2, 0)]["image"].numpy())
+
+
+# ----------------------------------------------------------------------------- stochastic depth
+def test_reference_stochastic_depth_drops_the_whole_batch_without_rescaling():
+    from MMCAFNetLib.models.backbone import PENetBottleneck, set_stochastic_depth_rule
+
+    torch.manual_seed(0)
+    block = PENetBottleneck(16, 16, cardinality=4, survival_prob=0.5, se_reduction=4)
+    x = torch.randn(6, 16, 2, 4, 4)
+    block.eval()
+    with torch.no_grad():
+        kept = block(x.clone())  # branch kept, unscaled
+        block.survival_prob = 1e-9
+        dropped = block(x.clone())  # eval ignores survival entirely
+        block.survival_prob = 0.5
+    assert torch.allclose(kept, dropped)
+    skip_only = torch.nn.functional.leaky_relu(x)
+    assert set_stochastic_depth_rule(block, "batch") == 1
+    block.train()
+    outcomes = set()
+    with torch.no_grad():
+        for _ in range(20):
+            y = block(x.clone())
+            per_sample = [bool(torch.allclose(y[i], skip_only[i])) for i in range(len(x))]
+            assert len(set(per_sample)) == 1  # the whole batch together
+            outcomes.add(per_sample[0])
+            if not per_sample[0]:
+                block.eval()
+                ref = block(x.clone())
+                block.train()
+                assert torch.allclose(y, ref, atol=1e-5)  # kept as is: no 1 / survival factor
+    assert outcomes == {True, False}
+    set_stochastic_depth_rule(block, "sample")
+    with torch.no_grad():
+        y = block(x.clone())
+    # per sample: some samples dropped and others kept in one batch, kept ones rescaled by 2
+    assert block.drop_rule == "sample" and y.shape == x.shape
+    with pytest.raises(ValueError, match="sample"):
+        set_stochastic_depth_rule(block, "layer")
+
+
+def test_paper_recipe_uses_the_reference_rule_and_no_box_supervision():
+    from MMCAFNetLib.train.config import resolve_config
+
+    paper = resolve_config("paper", 1)
+    default = resolve_config("default")
+    assert paper.stochastic_depth == "batch" and paper.attention_supervision == 0.0
+    assert default.stochastic_depth == "sample"
+    with pytest.raises(ValueError, match="attention_supervision"):
+        resolve_config("default", overrides={"attention_supervision": -1.0})
+
+
+# ----------------------------------------------------------------------------- seen patients
+def test_seen_patients_are_found_by_id_and_series():
+    import pandas as pd
+
+    from MMCAFNetLib.evaluate.seen import check_seen, seen_patients_record
+
+    train = pd.DataFrame({"patient_id": ["A1", "A2"], "series_uid": ["1.2.1", "1.2.2"]})
+    val = pd.DataFrame({"patient_id": ["G1"], "series_uid": ["1.2.3"]})
+    record = seen_patients_record(train, val)
+    assert "A1" not in str(record) and "1.2.1" not in str(record)  # hashes only
+    test = pd.DataFrame({"patient_id": ["A1", "G1", "A2", "G9"], "series_uid": ["1.2.1", "1.2.3", "9.9", "1.2.9"]})
+    found = check_seen({"seen_patients": record}, test)
+    assert found["recorded"] and found["seen"] == ["A1", "G1"]
+    assert (found["seen_train"], found["seen_val"]) == (1, 1)
+    assert found["id_only"] == ["A2"]  # same ID, another series (another phantom cohort reuses IDs)
+    legacy = check_seen({}, test)
+    assert not legacy["recorded"] and legacy["seen"] == []
+
+
+# ----------------------------------------------------------------------------- heatmap methods
+def test_gradcam_plus_plus_follows_positive_evidence():
+    from MMCAFNetLib.heatmap import gradcam_from_gradients, gradcam_plus_plus_from_gradients
+
+    feats = torch.zeros(1, 2, 2, 4, 4)
+    feats[0, 0, 1, 2, 3] = 3.0  # channel 0: a spot
+    feats[0, 1] = 1.0  # channel 1: everywhere
+    grads = torch.zeros_like(feats)
+    grads[0, 0] = 0.5  # the score rises with channel 0
+    grads[0, 1] = -0.1  # and falls with channel 1
+    pp = gradcam_plus_plus_from_gradients(feats, grads)[0]
+    assert pp.argmax() == np.ravel_multi_index((1, 2, 3), (2, 4, 4)) and pp.min() == 0
+    cam = gradcam_from_gradients(feats, grads)[0]
+    assert cam.argmax() == pp.argmax()
+
+
+def test_default_heatmap_comes_from_the_checkpoint(tmp_path):
+    from MMCAFNetLib.inference.predictor import LEGACY_HEATMAP, InputError, Predictor
+
+    predictor = Predictor.__new__(Predictor)
+    predictor.payload = {"heatmap": "attention"}
+    assert predictor.default_heatmap == "attention" and predictor.resolve_heatmap("model") == "attention"
+    assert predictor.resolve_heatmap("gradcam++") == "gradcam++" and predictor.resolve_heatmap("none") is None
+    predictor.payload = {}
+    assert predictor.resolve_heatmap("model") == LEGACY_HEATMAP
+    with pytest.raises(InputError, match="model"):
+        predictor.resolve_heatmap("cam")
+
+
+def test_catalog_heatmap_field_matches_the_bundled_checkpoint():
+    from MMCAFNetLib import model_catalog
+    from MMCAFNetLib.checkpoint import load_checkpoint
+    from MMCAFNetLib.inference.predictor import HEATMAP_METHODS
+
+    assert model_catalog.HEATMAP_METHODS == HEATMAP_METHODS
+    entries = {e.id: e for e in model_catalog.load_catalog()}
+    demo = entries["mmcafnet-lite-demo"]
+    payload = load_checkpoint(model_catalog.model_path(demo))
+    assert demo.heatmap in HEATMAP_METHODS and demo.heatmap == payload.get("heatmap")
+    with pytest.raises(model_catalog.CatalogError, match="heatmap"):
+        model_catalog.parse_entry({**demo.to_dict(), "heatmap": "saliency"})
+
+
+# ----------------------------------------------------------------------------- preview
+def test_preview_slices_pass_through_the_lesion_else_the_peak(tmp_path):
+    from MMCAFNetLib.preview import preview_focus, render_preview
+
+    affine = _grid()
+    ct = Volume(np.full((10, 20, 30), -800.0, dtype=np.float32), affine)
+    heat_arr = np.zeros((10, 20, 30), dtype=np.float32)
+    heat_arr[2, 3, 4] = 1.0
+    heat = Volume(heat_arr, affine)
+    peak = heat.ijk_to_ras_points([[4, 3, 2]])[0]
+    box = (heat.ijk_to_ras_points([[20, 10, 6]])[0], heat.ijk_to_ras_points([[24, 14, 8]])[0])
+    focus, source = preview_focus(ct, heat, box)
+    np.testing.assert_allclose(focus, (box[0] + box[1]) / 2)
+    assert source == "lesion"
+    focus, source = preview_focus(ct, heat, None)
+    np.testing.assert_allclose(focus, peak)
+    assert source == "heatmap peak"
+    assert preview_focus(ct, heat, box, focus_ras=[1.0, 2.0, 3.0])[1] == "given point"
+    out = render_preview(ct, tmp_path / "p.png", heatmap=heat, lesion_box_ras=box, title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_supervised_training_and_localisation_report(tmp_path_factory, tmp_path):
+    """A tiny run with box supervision and the reference's stochastic depth trains; evaluate then
+    measures where its heatmaps point and writes it into the report and metrics.json."""
+    import json
+
+    pytest.importorskip("MMCAFNetLib.synthetic", reason="the synthetic cohort writer is not available")
+    from train_support import TINY_MODEL, TINY_PRESET, tiny_cohort
+
+    from MMCAFNetLib.checkpoint import load_checkpoint
+    from MMCAFNetLib.cli import main as cli_main
+    from MMCAFNetLib.train.config import resolve_config
+    from MMCAFNetLib.train.loop import train
+
+    cohort = tiny_cohort(tmp_path_factory)
+    config = resolve_config("default", None, None, {
+        "model": "mmcafnet-lite", "model_overrides": {**TINY_MODEL, "final_survival_prob": 0.5},
+        "preset": dict(TINY_PRESET), "epochs": 1, "batch_size": 4, "progress": False, "seed": 3, "num_threads": 1,
+        "attention_supervision": 1.0, "stochastic_depth": "batch", "heatmap": "gradcam",
+    })
+    summary = train(config, cohort, tmp_path / "run")
+    assert summary["epochs_completed"] == 1
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["heatmap"] == "gradcam" and best["train_config"]["attention_supervision"] == 1.0
+    out = tmp_path / "report"
+    code = cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cohort", str(cohort),
+                     "--split", "val", "--out", str(out), "--bootstrap", "50", "--no-progress", "--allow-seen",
+                     "--localisation", "model,attention", "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    loc = metrics["localisation"]
+    assert loc["default_method"] == "gradcam" and set(loc["methods"]) == {"gradcam", "attention"}
+    n = metrics["num_patients"]
+    for method in ("gradcam", "attention"):
+        for kind, margin in (("lesion", 5.0), ("whole", 10.0)):
+            block = loc["methods"][method][kind]
+            assert block["num_patients"] == n and block["margin_mm"] == margin
+            assert 0.0 <= block["pointing_game"] <= 1.0
+            assert block["small"]["num_patients"] + block["large"]["num_patients"] == n
+    # the per-patient records agree with the summary
+    hits = [p["runs"]["attention"]["lesion"]["hit"] for p in metrics["localisation_patients"]]
+    assert loc["methods"]["attention"]["lesion"]["pointing_game"] == pytest.approx(np.mean(hits))
+    assert metrics["whole_volume"]["num_patients"] == n
+    report = (out / "report.md").read_text()
+    assert "## Localisation" in report and "| gradcam | whole volume" in report and "seen by the model" in report
