@@ -42,12 +42,10 @@ class ResultFolder:
 
 
 def read_heatmap(path: str | os.PathLike) -> Volume:
-    """A heatmap file as float32 values 0..1 on the CT's grid."""
-    from MMCAFNetLib.volume import read_volume
+    """A heatmap file as float32 values 0..1 on the CT's whole grid (compact or float files alike)."""
+    from MMCAFNetLib.inference.heatmap_file import read_heatmap as read_heatmap_file
 
-    volume = read_volume(path)
-    volume.array = np.asarray(volume.array, dtype=np.float32)
-    return volume
+    return read_heatmap_file(path, full_grid=True)
 
 
 def _strict_json(path: Path) -> dict[str, Any]:
