@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -172,25 +170,22 @@ def test_peak_ras_and_empty_map() -> None:
     np.testing.assert_allclose(hm.peak_ras(vol), [1.0 + 10.0, 2.0 + 2.0, 3.0])
 
 
-def test_full_size_ct_grid_is_filled_quickly() -> None:
-    """Heatmap back onto a 512 x 512 x 300 CT grid from a preprocessed-grid canvas."""
+def test_full_size_ct_grid_is_filled() -> None:
+    """Heatmap back onto a 512 x 512 x 300 CT grid from a preprocessed-grid canvas (its speed is
+    bench W3's business, not a timed test's)."""
     ct_affine = make_ijk_to_ras((0.7, 0.7, 1.25), (-180.0, -180.0, -200.0))
     prep_affine = make_ijk_to_ras((1.0, 1.0, 2.5), (-180.0, -180.0, -200.0))
     canvas = np.full((150, 358, 358), 0.5, np.float32)
-    hm.resample_to_grid(canvas[:20, :40, :40], prep_affine, ct_affine, (300, 512, 512))  # warm-up
-    t = time.perf_counter()
     out = hm.resample_to_grid(canvas, prep_affine, ct_affine, (300, 512, 512))
-    best = time.perf_counter() - t
     assert out.shape == (300, 512, 512)
     assert float(out[150, 256, 256]) == pytest.approx(0.5)
-    # Loose bound: the 2-core CI machine is shared; a local run takes about 0.6-1 s.
-    assert best < 4.0, f"resampling to a 512x512x300 grid took {best:.2f} s"
-    # A lesion-sized region is much faster (only the covered part is computed).
+    # A lesion-sized region fills only the CT voxels it covers (the rest stays exactly 0).
     small = np.zeros_like(canvas)
     small[60:72, 150:250, 150:250] = 1.0
-    t = time.perf_counter()
-    hm.resample_to_grid(small, prep_affine, ct_affine, (300, 512, 512))
-    assert time.perf_counter() - t < 1.0
+    out = hm.resample_to_grid(small, prep_affine, ct_affine, (300, 512, 512))
+    nz = np.argwhere(out > 0)
+    assert len(nz) and (nz.min(0) > 0).all() and (nz.max(0) < np.array(out.shape) - 1).all()
+    assert float(out.max()) == pytest.approx(1.0)
 
 
 def test_grids_with_permuted_axes_take_the_separable_path_and_agree_with_the_general_one() -> None:
