@@ -70,3 +70,23 @@ def test_quick_w7_measures_the_slicer_job_api_next_to_the_direct_predictor(tmp_p
     cold, warm = rows["job API, cold worker (start, imports, model load)"], rows["job API, warm worker"]
     assert warm["median_s"] < cold["median_s"], "a warm worker was as slow as a cold one: the model is not kept"
     assert rows["plain: Predictor in this process"]["speedup_vs_plain"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_quick_w8_times_predict_end_to_end_in_windows_time(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "W8", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    window = next(r for v, r in rows.items() if v.startswith("one plain eager fp32 mmcafnet window ("))
+    assert "one plain eager fp32 mmcafnet window, 1 thread" in rows
+    for variant in ("predict, lesion point", "predict, whole volume (no lesion)"):
+        r = rows[variant]
+        assert r["windows_time"] == pytest.approx(r["median_s"] / window["median_s"], rel=1e-9)
+        assert {"prediction.json", "heatmap.nrrd", "labelmap.nrrd"} <= set(r["files"])
+        assert r["output_bytes"] == sum(r["files"].values()) and r["windows"] >= 1
+        assert r["peak_rss_mib"] > 50  # the predict process's own peak (a process holding torch)
+    assert rows["predict, whole volume (no lesion)"]["windows"] >= rows["predict, lesion point"]["windows"]

@@ -4,8 +4,9 @@ The model is loaded once (``Predictor.load``) and reused across calls. ``classif
 MRML and keeps no state between calls except the model, so Slicer can run it on a worker thread.
 
 Windows: with a lesion (RAS point, RAS box, or a mask volume's bounding box) the windows that
-cover the lesion's whole extent; without one, sliding windows over the body (windows of air only
-are skipped). The case's probabilities are the per-class maximum over windows (the paper's
+cover the lesion's whole extent; without one, sliding windows over the CT, of which only those
+reaching a body/lung mask made from HU thresholds are evaluated (``lung_mask``), in batches sized
+by the window (``memory_guard.default_batch_size``). The case's probabilities are the per-class maximum over windows (the paper's
 patient score is the max over its windows); for more than two classes the maxima are renormalised
 to sum to one. Binary models give ``[1 - p, p]`` and decide the class with the checkpoint's
 validation threshold.
