@@ -291,8 +291,7 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Sex, age and weight from the CT's DICOM header, when it came from the DICOM database."""
         record = self.logic.panel.record_from_dicom(self._parameterNode.inputVolume if self._parameterNode else None)
         if not record:
-            slicer.util.showStatusMessage("No DICOM header values found for this volume", 3000)
-            return
+            return slicer.util.showStatusMessage("No DICOM header values found for this volume", 3000)
         self._parameterNode.clinicalRecord = json.dumps({**self.formRecord(), **record})
         self.buildClinicalForm(self.currentModel())  # the form shows the stored record
         slicer.util.showStatusMessage("From the DICOM header: " + ", ".join(f"{k} {v}" for k, v in record.items()), 5000)

@@ -18,6 +18,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from test_inference_support import write_untrained_checkpoint
 
+from MMCAFNetLib.inference import read_heatmap
 from MMCAFNetLib.results import Classification
 from MMCAFNetLib.volume import Volume, lps_from_ras, read_volume
 
@@ -152,7 +153,7 @@ def test_predict_writes_seg_and_parametric_map_for_a_dicom_series(tmp_path) -> N
     assert {"segmentation.dcm", "heatmap.dcm"} <= set(os.listdir(out))
     info = json.loads((out / "prediction.json").read_text())
     ct = read_volume(patient.series_path)
-    labels, heat = read_volume(out / "labelmap.nrrd"), read_volume(out / "heatmap.nrrd")
+    labels, heat = read_volume(out / "labelmap.nrrd"), read_heatmap(out / "heatmap.nrrd", full_grid=True)
     sources = source_headers(patient.series_path)
     seg, pm = read_both(out)
 
@@ -175,10 +176,12 @@ def test_predict_writes_seg_and_parametric_map_for_a_dicom_series(tmp_path) -> N
     check_common_references(pm, next(iter(sources.values())))
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     stored = 0.0
-    for position, frame in zip(frame_positions(pm), pm.pixel_array * float(mapping.RealWorldValueSlope)):
+    frames = pm.pixel_array.reshape(-1, pm.Rows, pm.Columns)  # one frame comes as a 2-D array
+    for position, frame in zip(frame_positions(pm), frames * float(mapping.RealWorldValueSlope)):
         i0, j0, k = lattice_index(ct, position)
         block = heat.array[k, j0: j0 + pm.Rows, i0: i0 + pm.Columns]
-        np.testing.assert_allclose(frame, block, atol=1.0 / HEATMAP_LEVELS)
+        # heatmap.nrrd holds 8 bits (within 1/510), the Parametric Map HEATMAP_LEVELS steps.
+        np.testing.assert_allclose(frame, block, atol=1.0 / HEATMAP_LEVELS + 1.0 / 510)
         stored += float(block.sum())
     assert float(heat.array.sum()) == pytest.approx(stored, rel=1e-5)  # nothing outside the stored block
 

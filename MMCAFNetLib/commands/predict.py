@@ -123,9 +123,10 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     if progress is not None:
         print(file=sys.stderr)
     read_warnings = [str(w) for w in volume.meta.get("warnings") or []] + header_notes
+    if from_header:  # announced with the other warnings (printed, and kept in prediction.json)
+        read_warnings.append(f"clinical values taken from the DICOM header: {header_text(from_header)} "
+                             f"(give --{'/--'.join(from_header)} to use others)")
     result.warnings = read_warnings + [w for w in result.warnings if w not in read_warnings]
-    if from_header and not quiet:
-        print(f"clinical values from the DICOM header: {header_text(from_header)}", file=sys.stderr)
     write_outputs(
         result, volume, out, input_path=str(Path(input_path).resolve()), case_id=case_id,
         record=predictor.schema.validate_record(record), preview=not args.no_preview,
