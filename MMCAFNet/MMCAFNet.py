@@ -290,11 +290,11 @@ class MMCAFNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPrefillFromDicom(self) -> None:
         """Sex, age and weight from the CT's DICOM header, when it came from the DICOM database."""
         record = self.logic.panel.record_from_dicom(self._parameterNode.inputVolume if self._parameterNode else None)
+        slicer.util.showStatusMessage(self.logic.panel.header_fill_message(record), 5000)  # says what was filled
         if not record:
-            return slicer.util.showStatusMessage("No DICOM header values found for this volume", 3000)
+            return
         self._parameterNode.clinicalRecord = json.dumps({**self.formRecord(), **record})
         self.buildClinicalForm(self.currentModel())  # the form shows the stored record
-        slicer.util.showStatusMessage("From the DICOM header: " + ", ".join(f"{k} {v}" for k, v in record.items()), 5000)
 
     def onApplyButton(self) -> None:
         if self._job is not None:

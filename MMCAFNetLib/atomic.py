@@ -135,8 +135,12 @@ def raise_if_no_space(exc: BaseException, path: str | os.PathLike, target: str |
 
 @contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; replace ``path`` with it when the block succeeds."""
+    """Yield a temporary path beside ``path``; replace ``path`` with it when the block succeeds.
+
+    Temporary files that killed writers left for the same target are removed first.
+    """
     path = Path(path)
+    remove_stale(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())

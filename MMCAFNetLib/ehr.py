@@ -806,3 +806,8 @@ def fill_from_header(record: Mapping[str, Any], header: Mapping[str, Any],
             filled[name] = value
             taken[name] = value
     return filled, taken, notes
+
+
+def describe_values(values: Mapping[str, Any]) -> str:
+    """'sex M, age 63, weight 72.5': how the command line and Slicer announce header-filled values."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())

@@ -335,6 +335,16 @@ class Panel:
         return slicer_logic.loaded_summary(slicer_logic.load_results(folder, ct))
 
     @staticmethod
+    def header_fill_message(record: dict[str, Any]) -> str:
+        """The status line after filling the form from the DICOM header: what was filled, as the
+        command line announces it (values the schema refuses were already left out)."""
+        if not record:
+            return "No usable DICOM header values found for this volume"
+        from MMCAFNetLib.ehr import describe_values
+
+        return f"Filled from the DICOM header: {describe_values(record)}"
+
+    @staticmethod
     def job_summary(job: Any) -> str:
         """The panel's result line for a finished job: cancelled, failed, or the class and its time."""
         from MMCAFNetLib.slicer_logic import result_summary

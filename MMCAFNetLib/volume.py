@@ -11,6 +11,7 @@ them silently.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -224,7 +225,10 @@ def nifti_nonfinite_count(path: str, chunk_bytes: int = 1 << 24) -> int:
         if size == 348:
             dims = np.frombuffer(head, f"{order}i2", 8, 40).astype(np.int64)
             datatype = int(np.frombuffer(head, f"{order}i2", 1, 70)[0])
-            offset = int(np.frombuffer(head, f"{order}f4", 1, 108)[0])
+            offset_value = float(np.frombuffer(head, f"{order}f4", 1, 108)[0])
+            if not math.isfinite(offset_value) or offset_value < 0:
+                return 0  # a reader that got this far did not use the offset
+            offset = int(offset_value)
         else:
             if len(head) < 540:
                 return 0
@@ -238,7 +242,7 @@ def nifti_nonfinite_count(path: str, chunk_bytes: int = 1 << 24) -> int:
         if not 1 <= ndim <= 7:
             return 0
         dtype = np.dtype(order + kind)
-        remaining = int(np.prod(np.maximum(dims[1 : ndim + 1], 1)))
+        remaining = math.prod(max(int(n), 1) for n in dims[1 : ndim + 1])
         fh.seek(max(offset, size + 4 if size == 348 else size))
         bad = 0
         step = max(1, chunk_bytes // dtype.itemsize)

@@ -260,3 +260,71 @@ def test_without_matplotlib_the_preview_is_skipped_with_a_message(tmp_path) -> N
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted({*OUTPUT_FILES, "ct.nrrd"} - {"preview.png"})
     assert "preview.png was not written" in run.stderr and "matplotlib" in run.stderr
+
+
+def _write_dicom_series(volume, folder, sex: str, age: str, weight: str) -> None:
+    """The case's voxels as an axial CT series (int16 HU) with the given patient header values."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    sx, sy, sz = (float(s) for s in volume.spacing)
+    for k, plane in enumerate(np.asarray(volume.array)):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientSex, ds.PatientAge, ds.PatientWeight = "CT", sex, age, weight
+        ds.ImagePositionPatient = [0.0, 0.0, k * sz]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [sy, sx]
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = plane.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.clip(plane, -32768, 32767).astype("<i2").tobytes()
+        ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
+
+
+def test_values_filled_from_the_dicom_header_are_announced_and_filtered_as_in_slicer(ckpt, case, tmp_path,
+                                                                                     capsys) -> None:
+    from MMCAFNetLib.ehr import fill_from_header
+    from MMCAFNetLib.scene import record_from_dicom_values
+
+    headers = {"plain": ("M", "061Y", "72.5"), "odd": ("O", "150Y", "0"), "months": ("F", "018M", "")}
+    for name, (sex, age, weight) in headers.items():
+        folder = tmp_path / name
+        _write_dicom_series(case.volume, folder, sex, age, weight)
+        out = tmp_path / f"out-{name}"
+        code = main(["predict", "--checkpoint", str(ckpt), "--input", str(folder), "--out", str(out), "--heatmap",
+                     "none", "--no-preview", "--smoking", "1"])
+        assert code == 0
+        captured = capsys.readouterr()
+        info = json.loads((out / "prediction.json").read_text())
+        slicer_record = record_from_dicom_values(sex, age, weight)  # what the Slicer form is filled with
+        assert info["clinical_from_header"] == slicer_record, name
+        _, taken, _ = fill_from_header({}, read_volume(folder).meta)
+        assert taken == slicer_record
+        if slicer_record:
+            shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in slicer_record.items())
+            assert f"clinical values from the DICOM header: {shown}" in captured.err
+            for key, value in slicer_record.items():
+                assert info["clinical_record"][key] == value
+        else:
+            assert "from the DICOM header" not in captured.err
+    odd = json.loads((tmp_path / "out-odd" / "prediction.json").read_text())
+    assert odd["clinical_record"]["sex"] is None and odd["clinical_record"]["age"] is None
+    assert any("PatientSex" in w and "unknown" in w for w in odd["warnings"]), odd["warnings"]
+    assert any("PatientAge" in w and "150" in w for w in odd["warnings"]), odd["warnings"]
+    plain = json.loads((tmp_path / "out-plain" / "prediction.json").read_text())
+    assert plain["clinical_from_header"] == {"sex": "M", "age": 61.0, "weight": 72.5}
+    # a value the user typed wins over the header, and is not announced as filled
+    code = main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "plain"), "--out",
+                 str(tmp_path / "typed"), "--heatmap", "none", "--no-preview", "--age", "70"])
+    assert code == 0
+    typed = json.loads((tmp_path / "typed" / "prediction.json").read_text())
+    assert typed["clinical_record"]["age"] == 70.0 and "age" not in typed["clinical_from_header"]

@@ -314,3 +314,15 @@ def test_an_evaluation_of_a_one_class_split_writes_strict_json(tmp_path: Path) -
     write_report(metrics, tmp_path / "report", "tiny", "model")
     parsed = loads_strict((tmp_path / "report" / "metrics.json").read_text())
     assert parsed[NONFINITE_NOTE_KEY] and all(": nan" in n for n in parsed[NONFINITE_NOTE_KEY])
+
+
+def test_a_single_file_write_removes_what_a_killed_writer_left_for_the_same_file(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".last.pt.{dead}.k3j2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / f".best.pt.{dead}.k3j2.tmp"
+    other.write_bytes(b"another target's leftover")
+    atomic.write_bytes_atomic(tmp_path / "last.pt", b"whole")
+    assert not stale.exists() and other.exists()
+    assert (tmp_path / "last.pt").read_bytes() == b"whole"

@@ -366,3 +366,13 @@ def test_dicom_header_values_become_a_clinical_record(mrml_scene):
     assert mscene.parse_dicom_age("abc") is None
     assert mscene.record_from_dicom_values("F", "070Y", "61.5") == {"sex": "F", "age": 70.0, "weight": 61.5}
     assert mscene.record_from_dicom_values("O", "", "0") == {}
+
+
+def test_the_slicer_form_announces_header_values_as_the_command_line_does() -> None:
+    from MMCAFNetLib.commands.predict import header_text
+    from MMCAFNetLib.slicer_setup import Panel
+
+    record = mscene.record_from_dicom_values("M", "061Y", "72.5")
+    assert Panel.header_fill_message(record) == f"Filled from the DICOM header: {header_text(record)}"
+    assert header_text(record) == "sex M, age 61, weight 72.5"
+    assert "No usable" in Panel.header_fill_message(mscene.record_from_dicom_values("O", "150Y", "0"))

@@ -291,3 +291,27 @@ def test_stored_values_without_rescale_are_flagged_and_a_plain_ct_is_not():
     assert check_ct(ct) == []
     raw = ct.with_array((ct.array + 1024).astype(np.int16))
     assert any("rescale" in w for w in check_ct(raw))
+
+
+def test_the_dicom_reader_and_the_volume_module_do_not_import_each_other():
+    """volume reads DICOM through dicom_series; dicom_series and the Volume type (grid) must not import
+    volume back (an import cycle makes import order matter and hides what depends on what)."""
+    import ast
+    from pathlib import Path
+
+    from MMCAFNetLib import dicom_series, grid
+
+    for module in (dicom_series, grid):
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        assert not {"MMCAFNetLib.volume", "MMCAFNetLib.volume.Volume"} & imported, (module.__name__, imported)
+        assert not any(i.startswith("MMCAFNetLib.volume") for i in imported), (module.__name__, imported)
+    from MMCAFNetLib import volume
+
+    assert volume.Volume is grid.Volume and volume.VolumeError is grid.VolumeError  # the public names stay

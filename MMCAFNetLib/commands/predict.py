@@ -138,7 +138,9 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
 
 def header_text(values: dict[str, Any]) -> str:
     """'sex M, age 63' for the values a run took from the DICOM header."""
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    from MMCAFNetLib.ehr import describe_values
+
+    return describe_values(values)
 
 
 def _progress_printer():
