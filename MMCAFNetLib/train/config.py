@@ -64,6 +64,11 @@ class TrainConfig:
     # pushed towards 1 inside the lesion box and 0 outside (train.losses.attention_box_loss), so
     # the model's own attention becomes a lesion map; 0 = off (the paper recipe)
     attention_supervision: float = 0.0
+    # with attention supervision: lesion-free windows prepared per patient (sliding-window
+    # positions away from the lesion, air and body alike, as a whole-volume scan sees them); each
+    # training window brings one along whose attention is pushed to 0 everywhere, so the map stays
+    # dark where there is no lesion; 0 = none
+    attention_negatives: int = 0
     num_workers: int = 0
     cache_dir: Optional[str] = None
     # validation and stopping
@@ -124,6 +129,7 @@ class TrainConfig:
             (self.windows_per_patient >= 1, "windows_per_patient must be at least 1"),
             (0.0 <= self.record_dropout <= 1.0, "record_dropout must lie in [0, 1]"),
             (self.attention_supervision >= 0.0, "attention_supervision must be >= 0 (0 = off)"),
+            (self.attention_negatives >= 0, "attention_negatives must be >= 0 (0 = none)"),
             (self.heatmap in ("attention", "gradcam", "gradcam++"), "heatmap must be 'attention', 'gradcam' or 'gradcam++'"),
             (self.stochastic_depth in ("sample", "batch"), "stochastic_depth must be 'sample' or 'batch'"),
             (0.0 <= self.scale_range < 1.0, "scale_range must lie in [0, 1) (e.g. 0.1 for a +-10 % zoom)"),
