@@ -301,7 +301,7 @@ def test_supervised_training_and_localisation_report(tmp_path_factory, tmp_path)
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     loc = metrics["localisation"]
-    assert loc["default_method"] == "gradcam" and set(loc["methods"]) == {"gradcam", "attention"}
+    assert loc["default_method"] == "gradcam" and set(loc["methods"]) == {"gradcam", "attention", "window-centre"}
     n = metrics["num_patients"]
     for method in ("gradcam", "attention"):
         for kind, margin in (("lesion", 5.0), ("whole", 10.0)):

@@ -43,7 +43,16 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "provenance": payload.get("provenance") or {},
         "metrics": payload.get("metrics") or {},
         "demo": bool(payload.get("demo", False)),
+        "default_heatmap": _default_heatmap(payload),
+        "patients_recorded": isinstance(payload.get("seen_patients"), dict),
     }
+
+
+def _default_heatmap(payload: dict[str, Any]) -> str:
+    from MMCAFNetLib.inference.predictor import HEATMAP_METHODS, LEGACY_HEATMAP
+
+    name = payload.get("heatmap")
+    return str(name) if name in HEATMAP_METHODS else f"{LEGACY_HEATMAP} (the checkpoint names none)"
 
 
 def _fmt(value: Any) -> str:
@@ -82,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         f"provenance:      {_fmt(prov)}",
         f"metrics:         {_fmt(info['metrics'])}",
         f"demo model:      {'yes: trained on synthetic data, not for clinical use' if info['demo'] else 'no'}",
+        f"heatmap:         {info['default_heatmap']} (the default; --heatmap overrides it)",
+        "seen patients:   " + ("recorded (hashed): evaluate refuses them" if info["patients_recorded"]
+                               else "not recorded (older checkpoint): evaluate cannot check for them"),
     ]
     print("\n".join(lines))
     return 0

@@ -186,10 +186,11 @@ def lesion_free_windows(prepared: Volume, preset: Preset, kmin, kmax, count: int
     return np.stack(picked) if picked else None
 
 
-def jitter_margin(preset: Preset, jitter_slices: int) -> tuple[int, int, int]:
-    """Largest shift of a training window's centre (slices, rows, columns): an eighth of the
-    window in-plane. The training crop keeps this margin around the lesion windows."""
-    return int(jitter_slices), preset.window[1] // 8, preset.window[2] // 8
+def jitter_margin(preset: Preset, jitter_slices: int, shift_fraction: float = 0.125) -> tuple[int, int, int]:
+    """Largest shift of a training window's centre (slices, rows, columns): ``shift_fraction`` of
+    the window in-plane (an eighth by default). The training crop keeps this margin around the
+    lesion windows."""
+    return (int(jitter_slices), int(preset.window[1] * shift_fraction), int(preset.window[2] * shift_fraction))
 
 
 class LesionWindowDataset(Dataset):
@@ -204,7 +205,7 @@ class LesionWindowDataset(Dataset):
                  windows_per_patient: int = 1, jitter_slices: int = 2, rotate_degrees: float = 15.0,
                  flip: bool = True, augment: bool = True, record_dropout: float = 0.0,
                  unknown_clinical: Optional[np.ndarray] = None, scale_range: float = 0.0,
-                 mirror_all_axes: bool = False):
+                 mirror_all_axes: bool = False, shift_fraction: float = 0.125):
         self.patients = patients
         self.preset = preset
         self.train = train
@@ -215,6 +216,7 @@ class LesionWindowDataset(Dataset):
         self.flip = flip
         self.scale_range = float(scale_range)
         self.mirror_all_axes = bool(mirror_all_axes)
+        self.shift_fraction = float(shift_fraction)
         self.augment = augment and train
         self.record_dropout = float(record_dropout) if train else 0.0
         if self.record_dropout and unknown_clinical is None:
@@ -239,7 +241,7 @@ class LesionWindowDataset(Dataset):
         the mask's window under the same shift and augmentation (else None)."""
         center = np.array(center)
         if rng is not None:
-            slices, *inplane = jitter_margin(self.preset, self.jitter_slices)
+            slices, *inplane = jitter_margin(self.preset, self.jitter_slices, self.shift_fraction)
             shift_inplane = np.array(inplane)
             center = center + np.r_[
                 rng.integers(-slices, slices + 1),
@@ -329,7 +331,7 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
     classes = list(class_names or config.class_names)
     records = df[list(schema.field_names)].to_dict(orient="records")
     clinical = schema.encode(records).astype(np.float32) if len(records) else np.zeros((0, schema.num_features), np.float32)
-    jitter = jitter_margin(preset, config.jitter_slices) if train else (0, 0, 0)
+    jitter = jitter_margin(preset, config.jitter_slices, config.shift_fraction) if train else (0, 0, 0)
     rows = list(df.to_dict(orient="records"))
     show = config.progress if progress is None else progress
     iterator = rows
@@ -348,7 +350,8 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
     unknown = schema.encode([{}])[0].astype(np.float32)  # every field "unknown": the fitted imputations
     return LesionWindowDataset(patients, preset, train, config.seed, config.windows_per_patient,
                                config.jitter_slices, config.rotate_degrees, config.flip, config.augment,
-                               config.record_dropout, unknown, config.scale_range, config.mirror_all_axes)
+                               config.record_dropout, unknown, config.scale_range, config.mirror_all_axes,
+                               config.shift_fraction)
 
 
 # ----------------------------------------------------------------------------- models
