@@ -116,7 +116,8 @@ def test_a_malformed_job_file_is_refused_clearly(tmp_path):
 def test_the_worker_gives_the_predictors_own_result_and_keeps_the_model(tmp_path):
     case = make_case("A", seed=7, size=64)
     point = np.asarray(case.lesion_center_ras, dtype=float)
-    direct = Predictor.load(demo_checkpoint_path(), device="cpu").classify(case.volume, case.record, lesion=point)
+    direct = Predictor.load(demo_checkpoint_path(), device="cpu").classify(case.volume, case.record, lesion=point,
+                                                                         heatmap="attention")
     worker = WorkerProcess()
     try:
         options = {"model_path": str(demo_checkpoint_path()), "device": "cpu", "heatmap": "attention", "threshold": 0.5}
