@@ -118,6 +118,24 @@ def test_training_items_carry_the_box_mask_through_the_augmentation():
     np.testing.assert_array_equal(item["image"].numpy(), ds[(2, 2, 0)]["image"].numpy())
 
 
+def test_lesion_free_windows_avoid_the_lesion_and_contain_body():
+    from MMCAFNetLib.preset import Preset
+    from MMCAFNetLib.train.data import lesion_free_windows
+
+    preset = Preset(name="t", spacing=(4.0, 4.0, 4.0), window=(4, 16, 16), hu_range=(-1000.0, 400.0), mean=0.3)
+    arr = np.full((12, 64, 64), -1000.0, dtype=np.float32)
+    arr[:, 8:56, 8:56] = -850.0  # "lung" inside air
+    arr[5:7, 30:34, 30:34] = 40.0  # the lesion
+    prepared = Volume(arr, np.eye(4))
+    found = lesion_free_windows(prepared, preset, (5, 30, 30), (6, 33, 33), 5, seed=1, patient_id="p")
+    assert found is not None and found.shape == (5, 4, 16, 16)
+    lesion_value = float(preset.normalise(np.float32(40.0)))
+    assert not np.isclose(found, lesion_value).any()  # no lesion voxel in any of them
+    again = lesion_free_windows(prepared, preset, (5, 30, 30), (6, 33, 33), 5, seed=1, patient_id="p")
+    np.testing.assert_array_equal(found, again)  # reproducible
+    assert lesion_free_windows(prepared, preset, (5, 30, 30), (6, 33, 33), 0, seed=1, patient_id="p") is None
+
+
 # ----------------------------------------------------------------------------- stochastic depth
 def test_reference_stochastic_depth_drops_the_whole_batch_without_rescaling():
     from MMCAFNetLib.models.backbone import PENetBottleneck, set_stochastic_depth_rule
@@ -270,7 +288,7 @@ def test_supervised_training_and_localisation_report(tmp_path_factory, tmp_path)
     config = resolve_config("default", None, None, {
         "model": "mmcafnet-lite", "model_overrides": {**TINY_MODEL, "final_survival_prob": 0.5},
         "preset": dict(TINY_PRESET), "epochs": 1, "batch_size": 4, "progress": False, "seed": 3, "num_threads": 1,
-        "attention_supervision": 1.0, "stochastic_depth": "batch", "heatmap": "gradcam",
+        "attention_supervision": 1.0, "attention_negatives": 2, "stochastic_depth": "batch", "heatmap": "gradcam",
     })
     summary = train(config, cohort, tmp_path / "run")
     assert summary["epochs_completed"] == 1
@@ -283,7 +301,7 @@ def test_supervised_training_and_localisation_report(tmp_path_factory, tmp_path)
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     loc = metrics["localisation"]
-    assert loc["default_method"] == "gradcam" and set(loc["methods"]) == {"gradcam", "attention"}
+    assert loc["default_method"] == "gradcam" and set(loc["methods"]) == {"gradcam", "attention", "window-centre"}
     n = metrics["num_patients"]
     for method in ("gradcam", "attention"):
         for kind, margin in (("lesion", 5.0), ("whole", 10.0)):

@@ -96,7 +96,7 @@ def test_the_parameter_node_builds_with_its_defaults(slicer_module, mrml_scene):
     logic = slicer_module.MMCAFNetLogic()
     p = logic.getParameterNode()
     assert (p.inputVolume, p.lesion) == (None, None)
-    assert (p.modelId, p.device, p.heatmapMethod) == (slicer_module.DEMO_MODEL_ID, "auto", "attention")
+    assert (p.modelId, p.device, p.heatmapMethod) == (slicer_module.DEMO_MODEL_ID, "auto", "model")
     assert (p.heatmapThreshold, p.showOutputs, p.clinicalRecord) == (0.5, True, "{}")
     node = p.parameterNode
     assert node.IsA("vtkMRMLScriptedModuleNode") and node.GetAttribute("ModuleName") == "MMCAFNet"

@@ -44,6 +44,8 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "provenance": payload.get("provenance") or {},
         "metrics": payload.get("metrics") or {},
         "demo": bool(payload.get("demo", False)),
+        "default_heatmap": _default_heatmap(payload),
+        "patients_recorded": isinstance(payload.get("seen_patients"), dict),
     }
 
 
@@ -68,6 +70,13 @@ FINGERPRINT_NOTE = (
     "SHA-256 of the cohort rows the run used (patient, label, split, lesion box, clinical values); "
     "two checkpoints with the same fingerprint were trained and validated on the same data"
 )
+
+
+def _default_heatmap(payload: dict[str, Any]) -> str:
+    from MMCAFNetLib.inference.predictor import HEATMAP_METHODS, LEGACY_HEATMAP
+
+    name = payload.get("heatmap")
+    return str(name) if name in HEATMAP_METHODS else f"{LEGACY_HEATMAP} (the checkpoint names none)"
 
 
 def _fmt(value: Any) -> str:
@@ -110,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         "                 (on the validation split, at the decision threshold above; the test split's are in "
         "the report of mmcafnet evaluate)",
         f"demo model:      {'yes: trained on synthetic data, not for clinical use' if info['demo'] else 'no'}",
+        f"heatmap:         {info['default_heatmap']} (the default; --heatmap overrides it)",
+        "seen patients:   " + ("recorded (hashed): evaluate refuses them" if info["patients_recorded"]
+                               else "not recorded (older checkpoint): evaluate cannot check for them"),
     ]
     print("\n".join(lines))
     return 0

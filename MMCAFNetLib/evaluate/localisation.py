@@ -24,6 +24,8 @@ import numpy as np
 
 from MMCAFNetLib.volume import Volume
 
+#: The reference row of the lesion-guided pointing game: "peak" at the centre of the evaluated windows.
+BASELINE = "window-centre"
 #: Default margins (mm) added on every side of the lesion box for the pointing game.
 MARGINS_MM = {"lesion": 5.0, "whole": 10.0}
 RUN_KINDS = ("lesion", "whole")
@@ -161,10 +163,23 @@ def evaluate_localisation(predictor, rows, methods: Sequence[str], kinds: Sequen
                                             heatmap=method)
                 entry["runs"][method][kind] = localisation_record(result.heatmap, lo, hi, margins[kind])
                 entry["probabilities"][kind] = [float(v) for v in result.probabilities]
+                if kind == "lesion" and BASELINE not in entry["runs"]:
+                    entry["runs"][BASELINE] = {"lesion": _centre_record(result.windows, lo, hi, margins[kind])}
         per_patient.append(entry)
-    summary = summarise(per_patient, list(methods), list(kinds), small_lesion_mm, num_resamples, seed)
+    shown = list(methods) + ([BASELINE] if "lesion" in kinds else [])
+    summary = summarise(per_patient, shown, list(kinds), small_lesion_mm, num_resamples, seed)
     summary["margins_mm"] = {k: margins[k] for k in kinds}
     return {"summary": summary, "patients": per_patient}
+
+
+def _centre_record(windows, lo: np.ndarray, hi: np.ndarray, margin_mm: float) -> dict[str, Any]:
+    """The trivial pointer: the centre of the evaluated windows' union (a lesion-guided run's
+    windows are centred on the lesion, so a map that merely peaks mid-window scores this)."""
+    boxes = np.array([[w.box_ras[0], w.box_ras[1]] for w in windows], dtype=np.float64)
+    centre = (boxes[:, 0].min(axis=0) + boxes[:, 1].max(axis=0)) / 2.0
+    outside = np.maximum(np.maximum(lo - centre, centre - hi), 0.0)
+    return {"peak_ras": centre.tolist(), "hit": point_in_box(centre, lo, hi, margin_mm),
+            "distance_mm": float(np.linalg.norm(outside)), "mass_in_box": float("nan"), "margin_mm": float(margin_mm)}
 
 
 def _uid(row) -> Optional[str]:
@@ -192,7 +207,9 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
         "Pointing game: the share of patients whose heatmap peak lies inside the lesion box grown by the margin; "
         "mass in box: the mean share of the heatmap's total value inside the (un-grown) box. Lesion-guided runs "
         "are given the lesion box; whole-volume runs scan the CT without it. 95 % percentile-bootstrap intervals "
-        f"over patients; small lesions: largest box side <= {mm:g} mm.", "",
+        f"over patients; small lesions: largest box side <= {mm:g} mm. The {BASELINE} row is no heatmap: it "
+        "points at the centre of the evaluated windows, which a lesion-guided run centres on the lesion, so a "
+        "map must beat it to show that it finds the lesion rather than the middle of its window.", "",
         "| Heatmap | Run | Margin | Pointing game | Mass in box | Small lesions: pointing | Larger: pointing | "
         "Median peak distance to box |",
         "|---|---|---|---|---|---|---|---|",

@@ -52,6 +52,10 @@ class TrainConfig:
     jitter_slices: int = 2
     rotate_degrees: float = 15.0
     flip: bool = True  # left-right, as the reference
+    # largest in-plane shift of a training window's centre from the lesion, as a share of the
+    # window: at 0.125 the lesion always sits near the centre, and a map can "localise" it by
+    # pointing at the window's centre; a larger shift puts it anywhere, so the map must find it
+    shift_fraction: float = 0.125
     # nnU-Net-style extras, off by default: isotropic zoom by a factor in [1 - s, 1 + s], and
     # mirroring front-back and head-foot (lesion appearance does not depend on either)
     scale_range: float = 0.0
@@ -64,6 +68,11 @@ class TrainConfig:
     # pushed towards 1 inside the lesion box and 0 outside (train.losses.attention_box_loss), so
     # the model's own attention becomes a lesion map; 0 = off (the paper recipe)
     attention_supervision: float = 0.0
+    # with attention supervision: lesion-free windows prepared per patient (sliding-window
+    # positions away from the lesion, air and body alike, as a whole-volume scan sees them); each
+    # training window brings one along whose attention is pushed to 0 everywhere, so the map stays
+    # dark where there is no lesion; 0 = none
+    attention_negatives: int = 0
     num_workers: int = 0
     cache_dir: Optional[str] = None
     # validation and stopping
@@ -124,6 +133,8 @@ class TrainConfig:
             (self.windows_per_patient >= 1, "windows_per_patient must be at least 1"),
             (0.0 <= self.record_dropout <= 1.0, "record_dropout must lie in [0, 1]"),
             (self.attention_supervision >= 0.0, "attention_supervision must be >= 0 (0 = off)"),
+            (self.attention_negatives >= 0, "attention_negatives must be >= 0 (0 = none)"),
+            (0.0 <= self.shift_fraction < 0.5, "shift_fraction must lie in [0, 0.5)"),
             (self.heatmap in ("attention", "gradcam", "gradcam++"), "heatmap must be 'attention', 'gradcam' or 'gradcam++'"),
             (self.stochastic_depth in ("sample", "batch"), "stochastic_depth must be 'sample' or 'batch'"),
             (0.0 <= self.scale_range < 1.0, "scale_range must lie in [0, 1) (e.g. 0.1 for a +-10 % zoom)"),

@@ -116,10 +116,13 @@ class PatientWindows:
     lesion_size_mm: float
     #: 1 inside the lesion box, 0 elsewhere, on the crop's grid (for attention supervision); None when unused
     box_mask: Optional[np.ndarray] = None
+    #: lesion-free windows ``[K, D, H, W]`` (normalised, as the network sees them); None when unused
+    negatives: Optional[np.ndarray] = None
 
 
 def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical: np.ndarray, label: int,
-                    cache: Optional[PreprocessCache] = None, with_box_mask: bool = False) -> PatientWindows:
+                    cache: Optional[PreprocessCache] = None, with_box_mask: bool = False,
+                    negatives: int = 0, seed: int = 0) -> PatientWindows:
     """The patient's lesion crop; the prepared CT comes from ``cache`` (built there on first use)
     or, without a cache, is read and prepared here."""
     uid = row.get("series_uid") if hasattr(row, "get") else None
@@ -146,13 +149,48 @@ def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical:
         hi = np.minimum(np.array(kmax) - start + 1, np.array(mask.shape))
         if np.all(hi > lo):
             mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1.0
-    return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row), mask)
+    negative_windows = lesion_free_windows(prepared, preset, kmin, kmax, negatives, seed, str(row["patient_id"]))
+    return PatientWindows(crop, local, clinical, label, str(row["patient_id"]), lesion_size_mm(row), mask,
+                          negative_windows)
 
 
-def jitter_margin(preset: Preset, jitter_slices: int) -> tuple[int, int, int]:
-    """Largest shift of a training window's centre (slices, rows, columns): an eighth of the
-    window in-plane. The training crop keeps this margin around the lesion windows."""
-    return int(jitter_slices), preset.window[1] // 8, preset.window[2] // 8
+def lesion_free_windows(prepared: Volume, preset: Preset, kmin, kmax, count: int, seed: int,
+                        patient_id: str) -> Optional[np.ndarray]:
+    """``count`` windows of the prepared CT that a whole-volume scan would evaluate (sliding
+    positions with some body in them) and that do not touch the lesion box; drawn reproducibly
+    from (seed, patient). None when ``count`` is 0 or no such window exists."""
+    if count <= 0:
+        return None
+    import hashlib
+
+    size = np.array(preset.window)
+    lo_box, hi_box = np.array(kmin), np.array(kmax)
+    body_level = float(preset.normalise(np.float32(-900.0)))
+    candidates = []
+    for c in win.sliding_window_centers(prepared, preset):
+        start = np.array(c) - size // 2
+        if np.all(start <= hi_box) and np.all(start + size - 1 >= lo_box):
+            continue  # overlaps the lesion
+        candidates.append(c)
+    if not candidates:
+        return None
+    key = int.from_bytes(hashlib.sha256(patient_id.encode("utf-8")).digest()[:4], "little")
+    rng = np.random.default_rng([int(seed), key])
+    picked = []
+    for i in rng.permutation(len(candidates)):
+        array = win.cut_window(prepared, candidates[int(i)], preset).array
+        if float(np.mean(array > body_level)) >= 0.002:  # the inference's "not air only" rule
+            picked.append(np.asarray(array, dtype=np.float32))
+        if len(picked) == count:
+            break
+    return np.stack(picked) if picked else None
+
+
+def jitter_margin(preset: Preset, jitter_slices: int, shift_fraction: float = 0.125) -> tuple[int, int, int]:
+    """Largest shift of a training window's centre (slices, rows, columns): ``shift_fraction`` of
+    the window in-plane (an eighth by default). The training crop keeps this margin around the
+    lesion windows."""
+    return (int(jitter_slices), int(preset.window[1] * shift_fraction), int(preset.window[2] * shift_fraction))
 
 
 class LesionWindowDataset(Dataset):
@@ -167,7 +205,7 @@ class LesionWindowDataset(Dataset):
                  windows_per_patient: int = 1, jitter_slices: int = 2, rotate_degrees: float = 15.0,
                  flip: bool = True, augment: bool = True, record_dropout: float = 0.0,
                  unknown_clinical: Optional[np.ndarray] = None, scale_range: float = 0.0,
-                 mirror_all_axes: bool = False):
+                 mirror_all_axes: bool = False, shift_fraction: float = 0.125):
         self.patients = patients
         self.preset = preset
         self.train = train
@@ -178,6 +216,7 @@ class LesionWindowDataset(Dataset):
         self.flip = flip
         self.scale_range = float(scale_range)
         self.mirror_all_axes = bool(mirror_all_axes)
+        self.shift_fraction = float(shift_fraction)
         self.augment = augment and train
         self.record_dropout = float(record_dropout) if train else 0.0
         if self.record_dropout and unknown_clinical is None:
@@ -202,7 +241,7 @@ class LesionWindowDataset(Dataset):
         the mask's window under the same shift and augmentation (else None)."""
         center = np.array(center)
         if rng is not None:
-            slices, *inplane = jitter_margin(self.preset, self.jitter_slices)
+            slices, *inplane = jitter_margin(self.preset, self.jitter_slices, self.shift_fraction)
             shift_inplane = np.array(inplane)
             center = center + np.r_[
                 rng.integers(-slices, slices + 1),
@@ -248,6 +287,14 @@ class LesionWindowDataset(Dataset):
         }
         if mask is not None:
             item["box_mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+        if self.train and pw.negatives is not None:
+            # a separate generator, so the lesion window's draws stay as they are without negatives
+            nrng = np.random.default_rng([self.seed, epoch, draw, index, 1])
+            negative = pw.negatives[int(nrng.integers(len(pw.negatives)))]
+            if self.augment:
+                negative = win.augment(negative, nrng, self.preset, rotate_degrees=int(self.rotate_degrees),
+                                       flip_probability=0.5 if self.flip else 0.0)
+            item["negative"] = torch.from_numpy(np.ascontiguousarray(negative, dtype=np.float32))[None]
         return item
 
 
@@ -265,7 +312,8 @@ def _cut(array: np.ndarray, center, size) -> np.ndarray:
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    extra = {"box_mask": torch.stack([b["box_mask"] for b in batch])} if all("box_mask" in b for b in batch) else {}
+    extra = {key: torch.stack([b[key] for b in batch]) for key in ("box_mask", "negative")
+             if all(key in b for b in batch)}
     return {
         **extra,
         "image": torch.stack([b["image"] for b in batch]),
@@ -283,7 +331,7 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
     classes = list(class_names or config.class_names)
     records = df[list(schema.field_names)].to_dict(orient="records")
     clinical = schema.encode(records).astype(np.float32) if len(records) else np.zeros((0, schema.num_features), np.float32)
-    jitter = jitter_margin(preset, config.jitter_slices) if train else (0, 0, 0)
+    jitter = jitter_margin(preset, config.jitter_slices, config.shift_fraction) if train else (0, 0, 0)
     rows = list(df.to_dict(orient="records"))
     show = config.progress if progress is None else progress
     iterator = rows
@@ -292,15 +340,18 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
 
         iterator = tqdm(rows, desc=f"prepare {'train' if train else 'eval'} CTs", leave=False, dynamic_ncols=True)
     cache = PreprocessCache(config.cache_dir) if config.cache_dir else None
-    with_mask = bool(train and getattr(config, "attention_supervision", 0.0) > 0)
+    with_mask = bool(train and config.attention_supervision > 0)
+    negatives = int(config.attention_negatives) if with_mask else 0
     patients = [
-        prepare_patient(row, preset, jitter, clinical[i], classes.index(row["label"]), cache, with_mask)
+        prepare_patient(row, preset, jitter, clinical[i], classes.index(row["label"]), cache, with_mask,
+                        negatives, config.seed)
         for i, row in enumerate(iterator)
     ]
     unknown = schema.encode([{}])[0].astype(np.float32)  # every field "unknown": the fitted imputations
     return LesionWindowDataset(patients, preset, train, config.seed, config.windows_per_patient,
                                config.jitter_slices, config.rotate_degrees, config.flip, config.augment,
-                               config.record_dropout, unknown, config.scale_range, config.mirror_all_axes)
+                               config.record_dropout, unknown, config.scale_range, config.mirror_all_axes,
+                               config.shift_fraction)
 
 
 # ----------------------------------------------------------------------------- models

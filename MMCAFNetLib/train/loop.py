@@ -45,7 +45,7 @@ from MMCAFNetLib.plain import to_plain as plain
 from MMCAFNetLib.strict_json import dumps as strict_dumps
 from MMCAFNetLib.train import distributed as D
 from MMCAFNetLib.train.config import TrainConfig
-from MMCAFNetLib.train.losses import attention_box_loss, build_loss
+from MMCAFNetLib.train.losses import attention_background_loss, attention_box_loss, build_loss
 from MMCAFNetLib.train.sampling import EpochSampler
 
 LAST = "last.pt"
@@ -468,12 +468,21 @@ class Trainer:
             boundary = (i + 1) % config.grad_accum == 0 or (i + 1) == batches
             sync_context = self.model.no_sync() if (self.ctx.enabled and not boundary) else _null_context()
             with sync_context:
+                negatives = batch.get("negative")
+                batch_size = image.shape[0]
+                if negatives is not None:  # lesion-free windows ride along in the same forward pass
+                    image = torch.cat([image, negatives.to(self.device, non_blocking=True)])
+                    clinical = torch.cat([clinical, clinical])
                 with autocast_context(self.device, config.amp):
                     out = self.model(image, clinical)
-                loss = self.loss_fn(out.logits.float(), target)
+                loss = self.loss_fn(out.logits[:batch_size].float(), target)
                 if config.attention_supervision > 0:
                     mask = batch["box_mask"].to(self.device, non_blocking=True)
-                    loss = loss + config.attention_supervision * attention_box_loss(list(out.attention), mask)
+                    maps = list(out.attention)
+                    attention_loss = attention_box_loss([m[:batch_size] for m in maps], mask)
+                    if negatives is not None:
+                        attention_loss = attention_loss + attention_background_loss([m[batch_size:] for m in maps])
+                    loss = loss + config.attention_supervision * attention_loss
                 self.scaler.scale(loss / config.grad_accum).backward()
             if boundary:
                 if config.grad_clip > 0:
@@ -647,7 +656,11 @@ def train(config: TrainConfig, cohort, out_dir: str | Path, resume: bool = False
 
 
 def summarise_folds(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation over folds of each numeric best-epoch validation metric."""
+    """Mean and standard deviation over folds of each numeric best-epoch validation metric.
+
+    Each fold's best epoch and threshold are chosen on its own validation patients, so the summary
+    describes model selection, not held-out performance; it says so (``what_this_is``).
+    """
     keys = ["auroc", "accuracy", "f1", "sensitivity", "specificity", "ppv", "npv", "ece", "loss", "macro_f1"]
     table: dict[str, Any] = {}
     for k in keys:
@@ -656,4 +669,14 @@ def summarise_folds(results: list[dict[str, Any]]) -> dict[str, Any]:
         if vals:
             table[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                         "values": vals}
-    return {"folds": [r.get("fold") for r in results], "validation": table, "runs": results}
+    return {
+        "folds": [r.get("fold") for r in results],
+        "validation": table,
+        "what_this_is": (
+            "mean and SD over folds of each fold's best-epoch validation metrics; each fold's epoch and "
+            "decision threshold were chosen on that same fold's patients, so these figures are optimistic "
+            "(selection, not held-out, estimates). For a held-out estimate evaluate on patients no fold saw "
+            "(the test split or a new cohort) with mmcafnet evaluate."
+        ),
+        "runs": results,
+    }

@@ -71,6 +71,12 @@ def build_loss(kind: str, num_outputs: int, gamma: float = 2.0, alpha: Optional[
     raise ValueError(f"unknown loss {kind!r}; choose focal, bce or ce")
 
 
+def attention_background_loss(attention: list[torch.Tensor]) -> torch.Tensor:
+    """Lesion-free windows: binary cross-entropy of every map cell against 0 (mean over levels)."""
+    losses = [-(1.0 - level.float().clamp(1e-6, 1 - 1e-6)).log().mean() for level in attention]
+    return torch.stack(losses).mean()
+
+
 def attention_box_loss(attention: list[torch.Tensor], box_mask: torch.Tensor) -> torch.Tensor:
     """Weak box supervision of the spatial-attention maps: class-balanced binary cross-entropy
     between each level's map ``[B, 1, d, h, w]`` (values in 0..1) and the share of each map cell

@@ -53,6 +53,7 @@ PAPER_COMMON: dict[str, Any] = {
     "jitter_slices": 6,
     "rotate_degrees": 15.0,
     "attention_supervision": 0.0,
+    "attention_negatives": 0,
     "stochastic_depth": "batch",
 }
 

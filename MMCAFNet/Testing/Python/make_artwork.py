@@ -78,7 +78,7 @@ def classify_case(checkpoint: str | None, seed: int = 11):
 
     case = make_case("A", seed, size=128)
     predictor = Predictor.load(checkpoint or demo_checkpoint_path(), device="cpu")
-    result = predictor.classify(case.volume, case.record, lesion=np.asarray(case.lesion_center_ras), heatmap="attention")
+    result = predictor.classify(case.volume, case.record, lesion=np.asarray(case.lesion_center_ras), heatmap="model")
     return case, result
 
 
