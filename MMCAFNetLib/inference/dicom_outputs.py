@@ -12,8 +12,8 @@ with a real-world value mapping back to 0..1. Its stored values are heatmap.nrrd
 same quantiser, so both files hold the same values) in 16-bit samples, compressed with JPEG-LS
 lossless: a whole-volume scan's map (non-zero nearly everywhere) is then ~7 MB instead of ~164 MB
 uncompressed, and encoding its 300 frames takes well under a second. JPEG-LS lossless is a standard
-DICOM transfer syntax that PACS, GDCM/ITK, DCMTK's dcmjpls, OHIF/cornerstone and pydicom (with
-pyjpegls, which highdicom itself depends on) decode. Where the encoder is missing (older
+DICOM transfer syntax that PACS, DCMTK's dcmjpls, GDCM, OHIF/cornerstone and pydicom (with pyjpegls,
+which highdicom itself depends on) decode. Where the encoder is missing (older
 pydicom/highdicom, e.g. in Slicer 5.8) the map is written uncompressed.
 
 The geometry comes from the ``Volume`` (one conversion RAS -> LPS, here), not from the source headers,
