@@ -227,7 +227,7 @@ def test_demo_writes_the_files_and_names_the_true_class(tmp_path, capsys) -> Non
     assert main(["demo", "--out", str(out), "--checkpoint", str(demo_ckpt), "--size", "96", "--label", "G"]) == 0
     assert sorted(os.listdir(out)) == sorted([*OUTPUT_FILES, "ct.nrrd"])  # the CT too: a self-contained folder
     ct = read_volume(out / "ct.nrrd")
-    assert same_geometry(ct, read_volume(out / "heatmap.nrrd")) and ct.array.min() < -500 < ct.array.max()
+    assert same_geometry(ct, read_heatmap(out / "heatmap.nrrd", full_grid=True)) and ct.array.min() < -500 < ct.array.max()
     np.testing.assert_array_equal(ct.array, make_case("G", 2025, 96).volume.array)
     text = capsys.readouterr().out
     assert "true class G" in text and "predicted:" in text and str(out) in text
