@@ -14,11 +14,19 @@ coarse spacing), in a fraction of a second:
 3. the lungs grown by ``MARGIN_MM`` (SimpleITK's binary dilation with a box of that size), so a
    lesion against the chest wall, the mediastinum or the diaphragm is inside the mask.
 
-A window is kept when any voxel of its extent lies in the grown mask. Windows outside the body or
-away from the lungs are dropped; max aggregation over the kept windows is unchanged for every
-window kept (``Testing/test_lung_mask.py`` checks it on synthetic chest CTs). Where no enclosed
-air is found (not a chest CT, or a body cut by the field of view) the windows holding body are
-kept instead, with a warning.
+A window is kept when its **core** reaches the grown mask. The core is the part of the window that
+no neighbour holds better centred: along each axis it runs from the midpoint between its centre
+and the previous window's to the midpoint with the next one's (half the overlap is trimmed on each
+side), and to the volume's border for the first and last window. The cores tile the volume, one
+window per voxel, so every voxel of the grown lungs, a lesion's included, lies in the core of a
+kept window, at least half an overlap from that window's edge (or at the CT's border). Windows
+whose lung content is only a sliver along their edge, which a neighbour holds better centred, are
+dropped: on a chest-only field of view (the lungs fill most of it and the windows are 144-192 mm
+wide) the rule "any voxel of the window" dropped none. ``reach="extent"`` gives that older rule.
+Max aggregation over the kept windows is unchanged for every window kept
+(``Testing/test_lung_mask.py`` checks it on synthetic chest CTs). Where no enclosed air is found
+(not a chest CT, or a body cut by the field of view) the windows whose core holds body are kept
+instead, with a warning.
 """
 
 from __future__ import annotations
@@ -110,10 +118,45 @@ def _window_ranges(center: Sequence[int], preset: Preset, strides: Sequence[int]
     return lo, hi
 
 
+def window_cores(
+    centers: Sequence[Sequence[int]], shape: Sequence[int]
+) -> dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]]:
+    """{centre: (lo, hi)} (k, j, i, hi exclusive, on the grid of ``shape``): each window's core.
+
+    Along each axis the distinct centres split the axis at the midpoints between neighbours
+    (rounded up); the first core starts at 0 and the last ends at the axis' size. The cores of a
+    sliding-window tiling therefore cover every voxel exactly once.
+    """
+    bounds = []
+    for axis, n in enumerate(shape):
+        cs = sorted({int(c[axis]) for c in centers})
+        cuts = [0] + [-(-(a + b) // 2) for a, b in zip(cs, cs[1:])] + [int(n)]
+        bounds.append({c: (cuts[m], cuts[m + 1]) for m, c in enumerate(cs)})
+    cores = {}
+    for c in centers:
+        key = tuple(int(v) for v in c)
+        spans = [bounds[axis][key[axis]] for axis in range(3)]
+        cores[key] = (np.array([a for a, _ in spans], dtype=np.int64), np.array([b for _, b in spans], dtype=np.int64))
+    return cores  # type: ignore[return-value]
+
+
+def _strided(lo: np.ndarray, hi: np.ndarray, strides: Sequence[int], shape: Sequence[int]):
+    """The strided voxels (index m stands for m * stride) lying in [lo, hi) of the full grid."""
+    st = np.array(strides, dtype=np.int64)
+    return np.clip(-(-lo // st), 0, np.array(shape)), np.clip(-(-hi // st), 0, np.array(shape))
+
+
 def select_scan_windows(
-    prepared: Volume, preset: Preset, centers: Sequence[Sequence[int]], margin_mm: float = MARGIN_MM
+    prepared: Volume, preset: Preset, centers: Sequence[Sequence[int]], margin_mm: float = MARGIN_MM,
+    reach: str = "core",
 ) -> WindowSelection:
-    """Split sliding-window centres (k, j, i on ``prepared``) into those that reach the lungs and the rest."""
+    """Split sliding-window centres (k, j, i on ``prepared``) into those that reach the lungs and the rest.
+
+    ``reach="core"`` (default): a window is kept when its core (``window_cores``) reaches the mask;
+    ``"extent"``: when any voxel of the window does.
+    """
+    if reach not in ("core", "extent"):
+        raise ValueError(f"reach must be 'core' or 'extent', got {reach!r}")
     _, lungs, grown, strides = body_and_lung_masks(prepared, margin_mm)
     voxel_ml = float(np.prod(prepared.spacing * np.array(strides[::-1]))) / 1000.0
     core_ml = float(np.count_nonzero(lungs)) * voxel_ml  # the air-filled part decides whether lungs were found
@@ -128,9 +171,13 @@ def select_scan_windows(
             "was evaluated. Mark the lesion for a faster, lesion-centred result"
         ]
     table = _box_counts(mask)
+    cores = window_cores(centers, prepared.shape) if reach == "core" else {}
     kept, dropped = [], []
     for c in centers:
-        lo, hi = _window_ranges(c, preset, strides, mask.shape)
+        if reach == "core":
+            lo, hi = _strided(*cores[c], strides, mask.shape)
+        else:
+            lo, hi = _window_ranges(c, preset, strides, mask.shape)
         inside = np.all(hi > lo) and _count_in(table, lo, hi) > 0
         (kept if inside else dropped).append(c)  # type: ignore[arg-type]
     return WindowSelection(kept, dropped, method, core_ml, warnings)

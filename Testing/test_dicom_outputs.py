@@ -16,9 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from test_inference_support import write_untrained_checkpoint
 
-from MMCAFNetLib.inference import read_heatmap
 from MMCAFNetLib.results import Classification
 from MMCAFNetLib.volume import Volume, lps_from_ras, read_volume
 
@@ -26,9 +26,12 @@ hd = pytest.importorskip("highdicom", reason="highdicom (a run-time dependency) 
 
 from MMCAFNetLib.inference.dicom_outputs import (  # noqa: E402
     HEATMAP_LEVELS,
+    build_parametric_map,
+    heatmap_transfer_syntax,
     read_source_headers,
     write_dicom_outputs,
 )
+from MMCAFNetLib.inference.heatmap_file import read_heatmap  # noqa: E402
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
@@ -125,7 +128,7 @@ def test_seg_and_parametric_map_on_a_real_ct_series(tmp_path) -> None:
         np.testing.assert_array_equal(seg.pixel_array[n] != 0, mask[k])
 
     # Parametric Map: the non-zero block of the heatmap on the CT's lattice, values back to 0..1.
-    assert pm.SOPClassUID == PARAMETRIC_MAP_STORAGE
+    assert pm.SOPClassUID == PARAMETRIC_MAP_STORAGE and pm.file_meta.TransferSyntaxUID == JPEGLSLossless
     check_common_references(pm, first)
     assert (pm.NumberOfFrames, pm.Rows, pm.Columns) == (3, 6, 7)
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
@@ -137,6 +140,35 @@ def test_seg_and_parametric_map_on_a_real_ct_series(tmp_path) -> None:
         np.testing.assert_allclose(frame, heat[k, 3:9, 5:12], atol=1.0 / HEATMAP_LEVELS)
         ks.append(k)
     assert sorted(ks) == [1, 2, 3]
+
+
+def test_a_map_non_zero_everywhere_is_compressed_losslessly(tmp_path) -> None:
+    """A whole-volume scan's map covers the CT: stored with JPEG-LS lossless, it decodes (pydicom with
+    pyjpegls) to exactly the levels heatmap.nrrd stores, and to the same values as an uncompressed copy."""
+    from MMCAFNetLib.inference.heatmap_file import quantise
+
+    folder = real_series()
+    ct = read_volume(folder)
+    sources = [s for _, s in sorted(source_headers(folder).items(),
+                                    key=lambda item: ct.meta["sop_instance_uids"].index(item[0]))]
+    k, j, i = np.meshgrid(*(np.linspace(0.0, 1.0, n, dtype=np.float32) for n in ct.shape), indexing="ij")
+    heat = 0.05 + 0.9 * np.exp(-((k - 0.5) ** 2 + (j - 0.4) ** 2 + (i - 0.6) ** 2) / 0.1)  # smooth, > 0 everywhere
+    result = classification(ct, heat.astype(np.float32))
+    sizes, decoded = {}, {}
+    for syntax in (JPEGLSLossless, ExplicitVRLittleEndian):
+        path = tmp_path / f"{syntax.name}.dcm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build_parametric_map(result, ct, sources, transfer_syntax=syntax).save_as(path)
+        pm = pydicom.dcmread(path)
+        assert pm.file_meta.TransferSyntaxUID == syntax
+        assert (pm.NumberOfFrames, pm.Rows, pm.Columns) == ct.shape  # nothing to crop
+        ks = [lattice_index(ct, p)[2] for p in frame_positions(pm)]
+        decoded[syntax] = pm.pixel_array[np.argsort(ks)]
+        sizes[syntax] = len(pm.PixelData)
+    np.testing.assert_array_equal(decoded[JPEGLSLossless], decoded[ExplicitVRLittleEndian])
+    np.testing.assert_array_equal(decoded[JPEGLSLossless], quantise(heat))
+    assert sizes[JPEGLSLossless] < sizes[ExplicitVRLittleEndian]  # 1/24 on a 512 x 512 x 313 scan (bench W8)
 
 
 def test_predict_writes_seg_and_parametric_map_for_a_dicom_series(tmp_path) -> None:
@@ -174,14 +206,14 @@ def test_predict_writes_seg_and_parametric_map_for_a_dicom_series(tmp_path) -> N
     assert all(not labels.array[k].any() for k in set(range(ct.shape[0])) - set(seen))
 
     check_common_references(pm, next(iter(sources.values())))
+    assert pm.file_meta.TransferSyntaxUID == heatmap_transfer_syntax() == JPEGLSLossless  # pyjpegls: highdicom's
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     stored = 0.0
-    frames = pm.pixel_array.reshape(-1, pm.Rows, pm.Columns)  # one frame comes as a 2-D array
+    frames = pm.pixel_array.reshape(int(pm.NumberOfFrames), pm.Rows, pm.Columns)  # one frame: 2-D
     for position, frame in zip(frame_positions(pm), frames * float(mapping.RealWorldValueSlope)):
         i0, j0, k = lattice_index(ct, position)
         block = heat.array[k, j0: j0 + pm.Rows, i0: i0 + pm.Columns]
-        # heatmap.nrrd holds 8 bits (within 1/510), the Parametric Map HEATMAP_LEVELS steps.
-        np.testing.assert_allclose(frame, block, atol=1.0 / HEATMAP_LEVELS + 1.0 / 510)
+        np.testing.assert_allclose(frame, block, atol=1e-6)  # the same levels as heatmap.nrrd
         stored += float(block.sum())
     assert float(heat.array.sum()) == pytest.approx(stored, rel=1e-5)  # nothing outside the stored block
 

@@ -73,16 +73,18 @@ def test_scan_keeps_the_lesion_windows_and_the_classification(demo_predictor, la
     assert selection.method == "lung mask" and selection.lung_ml > 500  # two real lungs, not gas
     assert selection.dropped and selection.kept  # the abdomen and the air are dropped, the chest kept
     lesion_kji = np.rint(prepared.ras_to_ijk_points(case.lesion_center_ras)[0][::-1])
-    lesion_windows = [c for c in every if window_holds(c, preset, lesion_kji)]
-    assert lesion_windows and set(lesion_windows) <= set(selection.kept)
+    cores = lm.window_cores(every, prepared.shape)
+    own = [c for c, (lo, hi) in cores.items() if np.all(lesion_kji >= lo) and np.all(lesion_kji < hi)]
+    assert len(own) == 1 and own[0] in selection.kept  # the window holding the lesion best centred
+    assert window_holds(own[0], preset, lesion_kji)
+    extent = lm.select_scan_windows(prepared, preset, every, reach="extent")
+    assert set(selection.kept) <= set(extent.kept)  # the core rule only drops more
 
-    # Dropped windows lie outside the body, or in body tissue away from the lungs.
+    # Dropped windows' cores lie outside the body, or in body tissue away from the lungs.
     _, _, grown, strides = lm.body_and_lung_masks(prepared)
     for c in selection.dropped:
-        start = np.clip(np.asarray(c) - np.asarray(preset.window) // 2, 0, None)
-        stop = np.asarray(c) - np.asarray(preset.window) // 2 + np.asarray(preset.window)
-        region = tuple(slice(-(-int(a) // s), -(-int(b) // s)) for a, b, s in zip(start, stop, strides))
-        assert not grown[region].any()
+        lo, hi = cores[c]
+        assert not grown[tuple(slice(-(-int(a) // s), -(-int(b) // s)) for a, b, s in zip(lo, hi, strides))].any()
 
     demo_predictor.scan_lungs_only = False
     try:
@@ -99,6 +101,43 @@ def test_scan_keeps_the_lesion_windows_and_the_classification(demo_predictor, la
     if tuple(np.round(best.center_ras, 3)) in {tuple(np.round(w.center_ras, 3)) for w in lungs_only.windows}:
         np.testing.assert_allclose(lungs_only.probabilities, every_body.probabilities, atol=2e-3)
     assert lungs_only.predicted_class == every_body.predicted_class
+
+
+@pytest.mark.parametrize("shape", [(78, 108, 108), (150, 360, 360), (5, 40, 300), (30, 47, 48)])
+def test_window_cores_tile_the_volume_inside_their_windows(shape):
+    preset = Preset(name="toy", spacing=None, window=(8, 48, 48), hu_range=(-1000.0, 400.0), mean=0.3)
+    prepared = Volume(np.zeros(shape, np.int16), np.eye(4), {})
+    every = win.sliding_window_centers(prepared, preset)
+    cores = lm.window_cores(every, shape)
+    covered = np.zeros(shape, np.int32)
+    for c, (lo, hi) in cores.items():
+        covered[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] += 1
+        start = np.asarray(c) - np.asarray(preset.window) // 2
+        stop = start + np.asarray(preset.window)
+        assert np.all(lo >= np.maximum(start, 0)) and np.all(hi <= np.minimum(stop, shape)), c  # inside the window
+        assert np.all(hi > lo), c
+    assert np.all(covered == 1)  # every voxel in exactly one core
+
+
+def test_a_window_only_grazing_the_lungs_is_dropped_and_its_neighbour_kept():
+    """Lungs that reach only the first few slices of the last slab of windows: those windows hold
+    lung along their edge only, where the neighbours hold it better centred."""
+    preset = toy_preset()
+    ct = chest_and_abdomen()
+    prepared = win.prepare_volume(ct, preset)
+    every = win.sliding_window_centers(prepared, preset)
+    core = lm.select_scan_windows(prepared, preset, every)
+    extent = lm.select_scan_windows(prepared, preset, every, reach="extent")
+    assert set(core.kept) < set(extent.kept)
+    cores = lm.window_cores(every, prepared.shape)
+    _, _, grown, strides = lm.body_and_lung_masks(prepared)
+    for c in set(extent.kept) - set(core.kept):  # dropped: lung in the window, none in its core
+        lo, hi = cores[c]
+        assert not grown[tuple(slice(-(-int(a) // s), -(-int(b) // s)) for a, b, s in zip(lo, hi, strides))].any()
+    lung_kji = np.argwhere(grown) * np.asarray(strides)
+    for voxel in lung_kji[:: max(1, len(lung_kji) // 200)]:  # every lung voxel stays in a kept core
+        owner = [c for c, (lo, hi) in cores.items() if np.all(voxel >= lo) and np.all(voxel < hi)]
+        assert len(owner) == 1 and owner[0] in core.kept
 
 
 def toy_preset() -> Preset:

@@ -311,7 +311,8 @@ def test_values_filled_from_the_dicom_header_are_announced_and_filtered_as_in_sl
         assert taken == slicer_record
         if slicer_record:
             shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in slicer_record.items())
-            assert f"clinical values from the DICOM header: {shown}" in captured.err
+            assert f"warning: clinical values taken from the DICOM header: {shown}" in captured.out
+            assert any(f"taken from the DICOM header: {shown}" in w for w in info["warnings"])
             for key, value in slicer_record.items():
                 assert info["clinical_record"][key] == value
         else:

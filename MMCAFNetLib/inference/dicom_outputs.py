@@ -8,7 +8,13 @@ groups and checks the result against the standard.
 Kept lean, because they are written for every DICOM case: the SEG is bit-packed and holds only the
 frames where the region has voxels; the Parametric Map holds only the block of slices, rows and
 columns where the heatmap is non-zero (its frames carry their own positions on the CT's lattice),
-stored as 16-bit integers with a real-world value mapping back to 0..1.
+with a real-world value mapping back to 0..1. Its stored values are heatmap.nrrd's 255 levels (the
+same quantiser, so both files hold the same values) in 16-bit samples, compressed with JPEG-LS
+lossless: a whole-volume scan's map (non-zero nearly everywhere) is then ~7 MB instead of ~164 MB
+uncompressed, and encoding its 300 frames takes well under a second. JPEG-LS lossless is a standard
+DICOM transfer syntax that PACS, DCMTK's dcmjpls, GDCM, OHIF/cornerstone and pydicom (with pyjpegls,
+which highdicom itself depends on) decode. Where the encoder is missing (older
+pydicom/highdicom, e.g. in Slicer 5.8) the map is written uncompressed.
 
 The geometry comes from the ``Volume`` (one conversion RAS -> LPS, here), not from the source headers,
 so the objects lie exactly on the grid heatmap.nrrd and labelmap.nrrd use.
@@ -33,8 +39,8 @@ SEG_SERIES_NUMBER = 9701
 HEATMAP_SERIES_NUMBER = 9702
 MANUFACTURER = "MMCAFNet contributors"
 MODEL_NAME = "MMCAF-Net"
-#: 16-bit levels of the stored heatmap (value = stored / HEATMAP_LEVELS).
-HEATMAP_LEVELS = 65535
+#: Levels of the stored heatmap (value = stored / HEATMAP_LEVELS): heatmap.nrrd's, see ``heatmap_file``.
+HEATMAP_LEVELS = 255
 
 
 class DicomOutputError(ValueError):
@@ -182,18 +188,6 @@ def _one_to_one(volume: Volume, sources: list[Any]) -> bool:
     return bool(uids) and len(uids) == len(sources) == volume.shape[0]
 
 
-def _nonzero_block(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(start, stop) corners (k, j, i) of the smallest block holding every True voxel; one slice when none."""
-    spans = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        spans.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else None)
-    if any(span is None for span in spans):
-        return (mask.shape[0] // 2, 0, 0), (mask.shape[0] // 2 + 1, mask.shape[1], mask.shape[2])
-    return tuple(s[0] for s in spans), tuple(s[1] for s in spans)  # type: ignore[return-value]
-
-
 def build_segmentation(result: Classification, volume: Volume, sources: list[Any]) -> Any:
     """A binary DICOM SEG of the labelmap: one segment named by the predicted class."""
     import highdicom as hd
@@ -245,18 +239,51 @@ def build_segmentation(result: Classification, volume: Volume, sources: list[Any
     return seg
 
 
-def build_parametric_map(result: Classification, volume: Volume, sources: list[Any]) -> Any:
-    """A DICOM Parametric Map of the heatmap, cropped to its non-zero block on the CT's lattice."""
+def heatmap_transfer_syntax() -> str:
+    """JPEG-LS lossless when this pydicom can encode it (pydicom 3 with pyjpegls or pylibjpeg-libjpeg...),
+    else Explicit VR Little Endian (uncompressed)."""
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+
+    try:
+        from pydicom.pixels.encoders import JPEGLSLosslessEncoder
+    except ImportError:  # pydicom 2: no JPEG-LS encoder
+        return ExplicitVRLittleEndian
+    return JPEGLSLossless if JPEGLSLosslessEncoder.is_available else ExplicitVRLittleEndian
+
+
+def _stored_heatmap(heat: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The block's values as heatmap.nrrd stores them (``heatmap_file.quantise``), in 16-bit samples;
+    quantised slab by slab, so there is no float copy of the block."""
+    from MMCAFNetLib.inference.heatmap_file import quantise
+
+    out = np.empty(tuple(int(v) for v in hi - lo), dtype=np.uint16)
+    for n, k in enumerate(range(int(lo[0]), int(hi[0]))):
+        slab = heat[k, lo[1] : hi[1], lo[2] : hi[2]]
+        out[n] = quantise(np.nan_to_num(slab, nan=0.0) if not np.isfinite(slab).all() else slab)
+    return out
+
+
+def build_parametric_map(result: Classification, volume: Volume, sources: list[Any],
+                         transfer_syntax: Optional[str] = None) -> Any:
+    """A DICOM Parametric Map of the heatmap, cropped to its non-zero block on the CT's lattice.
+
+    ``transfer_syntax`` defaults to ``heatmap_transfer_syntax()`` (JPEG-LS lossless where available).
+    """
     import highdicom as hd
     from pydicom.sr.coding import Code
+
+    from MMCAFNetLib.inference.heatmap_file import QUANTISATION_ERROR, nonzero_block
 
     if result.heatmap is None:
         raise DicomOutputError("no heatmap to store (the classification ran with --heatmap none)")
     heat = np.asarray(result.heatmap.array)
-    (k0, j0, i0), (k1, j1, i1) = _nonzero_block(heat >= 0.5 / HEATMAP_LEVELS)  # what rounds to level >= 1
-    block = np.nan_to_num(np.asarray(heat[k0:k1, j0:j1, i0:i1], dtype=np.float32))
-    block = np.rint(np.clip(block, 0.0, 1.0) * HEATMAP_LEVELS).astype(np.uint16)
-    ks = np.arange(k0, k1)
+    block = nonzero_block(heat > np.float32(QUANTISATION_ERROR))  # what is stored as level >= 1
+    if block is None:  # an all-zero map: one zero slice keeps the geometry
+        lo, hi = np.array([heat.shape[0] // 2, 0, 0]), np.array([heat.shape[0] // 2 + 1, *heat.shape[1:]])
+    else:
+        lo, hi = block
+    k0, j0, i0 = (int(v) for v in lo)
+    ks = np.arange(k0, int(hi[0]))
     measures, plane, positions = _geometry_content(volume, i0, j0, ks)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="HEATMAP",
@@ -266,9 +293,9 @@ def build_parametric_map(result: Classification, volume: Volume, sources: list[A
         slope=1.0 / HEATMAP_LEVELS,
         intercept=0.0,
     )
-    pm = hd.pm.ParametricMap(
+    arguments = dict(
         source_images=_sources_for(volume, sources, ks),
-        pixel_array=block,
+        pixel_array=_stored_heatmap(heat, lo, hi),
         series_instance_uid=hd.UID(),
         series_number=HEATMAP_SERIES_NUMBER,
         sop_instance_uid=hd.UID(),
@@ -286,6 +313,16 @@ def build_parametric_map(result: Classification, volume: Volume, sources: list[A
         plane_orientation=plane,
         plane_positions=positions,
     )
+    syntax = transfer_syntax or heatmap_transfer_syntax()
+    try:
+        pm = hd.pm.ParametricMap(**arguments, transfer_syntax_uid=syntax)
+    except (ValueError, RuntimeError, NotImplementedError):
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        if syntax == ExplicitVRLittleEndian:
+            raise
+        # an older highdicom that does not take JPEG-LS for a map, or an encoder that failed
+        pm = hd.pm.ParametricMap(**arguments, transfer_syntax_uid=ExplicitVRLittleEndian)
     pm.SeriesDescription = f"MMCAF-Net heatmap: {result.predicted_label}"[:64]
     return pm
 

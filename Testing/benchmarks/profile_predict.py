@@ -46,6 +46,12 @@ PHASES = [
     ("  heatmap.nrrd (compact)", "MMCAFNetLib.inference.outputs", "write_heatmap"),
     ("  labelmap.nrrd", "MMCAFNetLib.inference.outputs", "write_labelmap"),
     ("  preview.png (matplotlib import included)", "MMCAFNetLib.preview", "render_preview"),
+    ("  segmentation.dcm + heatmap.dcm (highdicom import included)", "MMCAFNetLib.inference.dicom_outputs",
+     "write_dicom_outputs"),
+    ("    re-read the source headers", "MMCAFNetLib.inference.dicom_outputs", "read_source_headers"),
+    ("    build the SEG", "MMCAFNetLib.inference.dicom_outputs", "build_segmentation"),
+    ("    build the Parametric Map (JPEG-LS encoding included)", "MMCAFNetLib.inference.dicom_outputs",
+     "build_parametric_map"),
 ]
 #: Modules whose attribute of the same name is the same function (imported by name elsewhere).
 ALIASES = {"MMCAFNetLib.inference.outputs.write_outputs": ["MMCAFNetLib.inference"]}
