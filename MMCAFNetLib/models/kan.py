@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +21,11 @@ def uniform_knots(intervals: int = 5, order: int = 3, grid_range: Sequence[float
     """The extended uniform knot vector: ``intervals + 2 * order + 1`` knots."""
     low, high = float(grid_range[0]), float(grid_range[1])
     step = (high - low) / intervals
-    return low + step * torch.arange(-order, intervals + order + 1, dtype=torch.float32)
+    # The same float32 arithmetic as ``low + step * torch.arange(...)``, in numpy: torch's factory
+    # functions run PyTorch's Python reference implementations on the ``meta`` device (the checkpoint
+    # check builds the network there), whose first use imports torch._dynamo (~1.4 s per process).
+    offsets = np.arange(-order, intervals + order + 1, dtype=np.float32)
+    return torch.tensor(np.float32(low) + np.float32(step) * offsets, dtype=torch.float32)
 
 
 def b_spline_basis(x: torch.Tensor, knots: torch.Tensor, order: int) -> torch.Tensor:
@@ -56,12 +61,14 @@ class KANLayer(nn.Module):
         self.in_features, self.out_features, self.order = in_features, out_features, order
         knots = uniform_knots(intervals, order, grid_range)
         self.register_buffer("grid", knots.expand(in_features, -1).clone())
-        self.register_buffer("mask", torch.ones(in_features, out_features))
+        self.register_buffer("mask", torch.empty(in_features, out_features).fill_(1.0))
         num_bases = intervals + order
-        # pykan-like start: small random splines, random base scales, unit spline scales / sqrt(fan-in)
-        self.coef = nn.Parameter((torch.rand(in_features, out_features, num_bases) - 0.5) * (0.5 / intervals))
-        self.scale_base = nn.Parameter((torch.rand(in_features, out_features) * 2 - 1) / in_features**0.5)
-        self.scale_spline = nn.Parameter(torch.ones(in_features, out_features) / in_features**0.5)
+        # pykan-like start: small random splines, random base scales, unit spline scales / sqrt(fan-in).
+        # In-place arithmetic only: out-of-place ops with Python scalars take the slow reference path on
+        # the ``meta`` device (see uniform_knots).
+        self.coef = nn.Parameter(torch.empty(in_features, out_features, num_bases).uniform_().sub_(0.5).mul_(0.5 / intervals))
+        self.scale_base = nn.Parameter(torch.empty(in_features, out_features).uniform_().mul_(2).sub_(1).div_(in_features**0.5))
+        self.scale_spline = nn.Parameter(torch.empty(in_features, out_features).fill_(1.0).div_(in_features**0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bases = b_spline_basis(x, self.grid, self.order)  # [B, in, n]
