@@ -369,10 +369,10 @@ def test_dicom_header_values_become_a_clinical_record(mrml_scene):
 
 
 def test_the_slicer_form_announces_header_values_as_the_command_line_does() -> None:
-    from MMCAFNetLib.commands.predict import header_text
+    from MMCAFNetLib.ehr import describe_values
     from MMCAFNetLib.slicer_setup import Panel
 
     record = mscene.record_from_dicom_values("M", "061Y", "72.5")
-    assert Panel.header_fill_message(record) == f"Filled from the DICOM header: {header_text(record)}"
-    assert header_text(record) == "sex M, age 61, weight 72.5"
+    assert Panel.header_fill_message(record) == f"Filled from the DICOM header: {describe_values(record)}"
+    assert describe_values(record) == "sex M, age 61, weight 72.5"
     assert "No usable" in Panel.header_fill_message(mscene.record_from_dicom_values("O", "150Y", "0"))

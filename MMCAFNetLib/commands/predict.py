@@ -107,7 +107,7 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
     volume = read_volume(input_path, series_uid=getattr(args, "series_uid", None))
     if isinstance(lesion, (str, Path)):
         lesion = read_volume(lesion)
-    from MMCAFNetLib.ehr import fill_from_header
+    from MMCAFNetLib.ehr import describe_values, fill_from_header
 
     record, from_header, header_notes = fill_from_header(dict(record or {}), volume.meta, predictor.schema)
     progress = None if quiet else _progress_printer()
@@ -124,7 +124,7 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
         print(file=sys.stderr)
     read_warnings = [str(w) for w in volume.meta.get("warnings") or []] + header_notes
     if from_header:  # announced with the other warnings (printed, and kept in prediction.json)
-        read_warnings.append(f"clinical values taken from the DICOM header: {header_text(from_header)} "
+        read_warnings.append(f"clinical values taken from the DICOM header: {describe_values(from_header)} "
                              f"(give --{'/--'.join(from_header)} to use others)")
     result.warnings = read_warnings + [w for w in result.warnings if w not in read_warnings]
     write_outputs(
@@ -134,13 +134,6 @@ def predict_case(predictor, input_path, out: Path, record, lesion, args, case_id
         dicom=not getattr(args, "no_dicom", False),
     )
     return result
-
-
-def header_text(values: dict[str, Any]) -> str:
-    """'sex M, age 63' for the values a run took from the DICOM header."""
-    from MMCAFNetLib.ehr import describe_values
-
-    return describe_values(values)
 
 
 def _progress_printer():

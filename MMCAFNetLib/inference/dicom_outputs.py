@@ -222,14 +222,7 @@ def build_segmentation(result: Classification, volume: Volume, sources: list[Any
         pixel_array=mask[ks].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=_software_version(),
-        device_serial_number="none",
+        **_new_instance(hd, SEG_SERIES_NUMBER),
         content_label="MMCAFNET",
         content_description=f"Region driving the prediction: {result.predicted_label}"[:64],
         **geometry,
@@ -237,6 +230,20 @@ def build_segmentation(result: Classification, volume: Volume, sources: list[Any
     )
     seg.SeriesDescription = f"MMCAF-Net region: {result.predicted_label}"[:64]
     return seg
+
+
+def _new_instance(hd: Any, series_number: int) -> dict[str, Any]:
+    """A new series and instance, and the equipment that made it: the same for the SEG and the map."""
+    return {
+        "series_instance_uid": hd.UID(),
+        "series_number": series_number,
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": MODEL_NAME,
+        "software_versions": _software_version(),
+        "device_serial_number": "none",
+    }
 
 
 def heatmap_transfer_syntax() -> str:
@@ -296,14 +303,7 @@ def build_parametric_map(result: Classification, volume: Volume, sources: list[A
     arguments = dict(
         source_images=_sources_for(volume, sources, ks),
         pixel_array=_stored_heatmap(heat, lo, hi),
-        series_instance_uid=hd.UID(),
-        series_number=HEATMAP_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=_software_version(),
-        device_serial_number="none",
+        **_new_instance(hd, HEATMAP_SERIES_NUMBER),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         **_window(hd),

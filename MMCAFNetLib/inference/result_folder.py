@@ -8,7 +8,6 @@ is one change here.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +48,10 @@ def read_heatmap(path: str | os.PathLike) -> Volume:
 
 
 def _strict_json(path: Path) -> dict[str, Any]:
-    def refuse(constant: str) -> Any:
-        raise ValueError(f"bare {constant} is not JSON")
+    from MMCAFNetLib.strict_json import loads_strict
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+        data = loads_strict(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ResultFolderError(f"{path} is not valid JSON ({exc}); write the results again with mmcafnet predict") from None
     if not isinstance(data, dict):
