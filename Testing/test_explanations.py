@@ -90,6 +90,39 @@ def test_attention_box_loss_prefers_maps_on_the_box_and_ignores_empty_masks():
     assert (flat.grad[share > 0.99] < 0).all() and (flat.grad[share == 0] > 0).all()
 
 
+def test_attention_peak_loss_punishes_one_hot_cell_that_the_mean_overlooks():
+    """One hot cell outside the lesion decides a whole-volume scan's peak; the peak terms see it,
+    the cell-mean losses hardly do."""
+    from MMCAFNetLib.train.losses import attention_background_loss, attention_box_loss, attention_peak_loss
+
+    mask = torch.zeros(1, 1, 8, 32, 32)
+    mask[0, :, 2:6, 8:16, 8:16] = 1.0
+    share = torch.nn.functional.adaptive_avg_pool3d(mask, (4, 8, 8))
+    on_box = torch.where(share > 0, torch.tensor(0.9), torch.tensor(0.05))
+    stray = on_box.clone()
+    stray[0, 0, 1, 6, 6] = 0.95  # one cell far from the box, hotter than the lesion
+    box_rise = float(attention_box_loss([stray], mask)) / float(attention_box_loss([on_box], mask))
+    peak_rise = float(attention_peak_loss([stray], mask)) / float(attention_peak_loss([on_box], mask))
+    assert box_rise < 1.1 and peak_rise > 3.0
+    quiet = torch.full((1, 1, 4, 8, 8), 0.05)
+    hot = quiet.clone()
+    hot[0, 0, 2, 3, 3] = 0.95
+    assert float(attention_background_loss([hot])) < 2 * float(attention_background_loss([quiet]))
+    assert float(attention_peak_loss([on_box], mask, [hot])) > 2 * float(attention_peak_loss([on_box], mask, [quiet]))
+    # windows without a box add nothing; without any term the loss is 0 and still differentiable
+    flat = torch.full((1, 1, 4, 8, 8), 0.5, requires_grad=True)
+    empty = attention_peak_loss([flat], torch.zeros_like(mask))
+    empty.backward()
+    assert float(empty.detach()) == 0.0 and flat.grad is not None
+    # a gradient step raises the highest cell touching the box and lowers the highest one outside
+    ramp = (0.2 + 0.6 * torch.rand(1, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    attention_peak_loss([ramp], mask).backward()
+    inside = (share > 0)
+    top_in = torch.where(inside, ramp.detach(), torch.tensor(-1.0)).argmax()
+    top_out = torch.where(inside, torch.tensor(-1.0), ramp.detach()).argmax()
+    assert float(ramp.grad.flatten()[top_in]) < 0 < float(ramp.grad.flatten()[top_out])
+
+
 def test_training_items_carry_the_box_mask_through_the_augmentation():
     from MMCAFNetLib.preset import Preset
     from MMCAFNetLib.train.data import LesionWindowDataset, PatientWindows
@@ -134,6 +167,27 @@ def test_lesion_free_windows_avoid_the_lesion_and_contain_body():
     again = lesion_free_windows(prepared, preset, (5, 30, 30), (6, 33, 33), 5, seed=1, patient_id="p")
     np.testing.assert_array_equal(found, again)  # reproducible
     assert lesion_free_windows(prepared, preset, (5, 30, 30), (6, 33, 33), 0, seed=1, patient_id="p") is None
+
+
+def test_lesion_free_windows_come_from_the_windows_a_scan_evaluates():
+    """Negatives are the windows that compete with the lesion's in a whole-volume scan (those
+    reaching the lungs), not the abdomen or shoulders that the scan never evaluates."""
+    from MMCAFNetLib.preset import Preset
+    from MMCAFNetLib.train.data import lesion_free_windows
+
+    preset = Preset(name="t", spacing=(4.0, 4.0, 4.0), window=(4, 16, 16), hu_range=(-1000.0, 400.0), mean=0.3)
+    arr = np.full((40, 64, 64), -1000.0, dtype=np.float32)
+    arr[:, 6:58, 6:58] = 40.0  # the chest wall
+    arr[:12, 12:52, 12:52] = -850.0  # lungs in the first 12 slices
+    arr[20:, 6:58, 6:58] = 60.0  # the "abdomen", more than the lung mask's margin below the lungs
+    arr[5:7, 30:34, 30:34] = 30.0  # the lesion
+    prepared = Volume(arr, np.eye(4) * np.r_[4.0, 4.0, 4.0, 1.0])
+    found = lesion_free_windows(prepared, preset, (5, 30, 30), (6, 33, 33), 400, seed=1, patient_id="p")
+    assert found is not None and len(found) >= 20  # every window a scan keeps, bar the lesion's
+    abdomen, lesion = (float(preset.normalise(np.float32(v))) for v in (60.0, 30.0))
+    assert not np.isclose(found, abdomen).any() and not np.isclose(found, lesion).any()
+    lung = float(preset.normalise(np.float32(-850.0)))
+    assert np.mean([np.isclose(w, lung).any() for w in found]) > 0.5
 
 
 # ----------------------------------------------------------------------------- stochastic depth
@@ -232,6 +286,22 @@ def test_default_heatmap_comes_from_the_checkpoint(tmp_path):
     assert predictor.resolve_heatmap("model") == LEGACY_HEATMAP
     with pytest.raises(InputError, match="model"):
         predictor.resolve_heatmap("cam")
+
+
+def test_box_supervised_attention_maps_are_combined_unweighted():
+    """A box-supervised model's attention maps are lesion probabilities: windows are compared by
+    their own values (a lesion-free window with a confident class must not outshine the lesion);
+    gradient maps, and the attention of models trained without boxes, stay weighted by probability."""
+    from MMCAFNetLib.inference.predictor import Predictor
+
+    predictor = Predictor.__new__(Predictor)
+    predictor.window_weighting, predictor.attention_is_lesion_map = "auto", True
+    assert not predictor._weights_windows("attention")
+    assert predictor._weights_windows("gradcam++") and predictor._weights_windows("gradcam")
+    predictor.attention_is_lesion_map = False
+    assert predictor._weights_windows("attention")
+    predictor.window_weighting = "none"
+    assert not predictor._weights_windows("gradcam")
 
 
 def test_catalog_heatmap_field_matches_the_bundled_checkpoint():

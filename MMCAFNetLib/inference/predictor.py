@@ -44,8 +44,10 @@ LEGACY_HEATMAP = "gradcam"
 #: "fine" is the finest pyramid level after its attention block (4 x finer in-plane).
 GRADIENT_LAYERS = ("last", "fine")
 #: How windows' maps are weighted before they are combined: by the window's probability of the
-#: predicted class, or not at all (the map's own values decide, e.g. a lesion-supervised attention map).
-WINDOW_WEIGHTINGS = ("probability", "none")
+#: predicted class, or not at all (the map's own values decide). "auto": not at all for the
+#: attention maps of a model trained with box supervision (their values are lesion probabilities,
+#: comparable between windows), by probability otherwise.
+WINDOW_WEIGHTINGS = ("auto", "probability", "none")
 
 #: HU above which a voxel counts as body (lung parenchyma is about -850, air -1000).
 BODY_HU = -900.0
@@ -107,7 +109,10 @@ class Predictor:
         #: Gradient maps' layer and the windows' weighting: the checkpoint's choice, else the defaults.
         options = dict(payload.get("heatmap_options") or {})
         self.gradient_layer = str(options.get("gradient_layer", "last"))
-        self.window_weighting = str(options.get("window_weighting", "probability"))
+        self.window_weighting = str(options.get("window_weighting", "auto"))
+        #: Trained with box supervision of its attention maps: they are lesion maps, not just weights.
+        trained = payload.get("train_config") if isinstance(payload.get("train_config"), dict) else {}
+        self.attention_is_lesion_map = float(trained.get("attention_supervision") or 0.0) > 0.0
         if self.gradient_layer not in GRADIENT_LAYERS or self.window_weighting not in WINDOW_WEIGHTINGS:
             raise ckpt.CheckpointError(
                 f"{source or 'checkpoint'}: unknown heatmap options {options}; this MMCAFNetLib knows gradient layers "
@@ -283,7 +288,7 @@ class Predictor:
             canvas = hm.WindowCanvas(canvas_shape, canvas_affine)
             for (aff, shape), small, wp in zip(window_geoms, maps_all, window_probs):
                 m = small[predicted] if small.ndim == 4 else small
-                weight = float(wp[predicted]) if self.window_weighting == "probability" else 1.0
+                weight = float(wp[predicted]) if self._weights_windows(heatmap) else 1.0
                 canvas.add(hm.upsample_map(m, shape) * weight, aff)
             _check_cancel(cancel)
             heat_vol = hm.heatmap_volume(canvas, volume)
@@ -315,6 +320,12 @@ class Predictor:
         )
 
     # -- internals ------------------------------------------------------------------------------
+    def _weights_windows(self, heatmap: str) -> bool:
+        """Whether each window's map is scaled by the window's probability of the predicted class."""
+        if self.window_weighting == "auto":
+            return not (heatmap == "attention" and self.attention_is_lesion_map)
+        return self.window_weighting == "probability"
+
     def _scan_windows(self, prepared: Volume, warnings: list[str]) -> tuple[list, dict[str, Any]]:
         """Sliding windows of a whole-volume scan; with ``scan_lungs_only`` only those reaching the
         lungs (``lung_mask``), else those holding body tissue."""

@@ -73,6 +73,10 @@ class TrainConfig:
     # training window brings one along whose attention is pushed to 0 everywhere, so the map stays
     # dark where there is no lesion; 0 = none
     attention_negatives: int = 0
+    # with attention supervision: weight of the peak terms (train.losses.attention_peak_loss): the
+    # combined map's highest cell in the box pushed up, outside it and in lesion-free windows down;
+    # the cell means alone leave the few hot cells that decide a whole-volume scan's peak; 0 = off
+    attention_peak: float = 0.0
     num_workers: int = 0
     cache_dir: Optional[str] = None
     # validation and stopping
@@ -134,6 +138,7 @@ class TrainConfig:
             (0.0 <= self.record_dropout <= 1.0, "record_dropout must lie in [0, 1]"),
             (self.attention_supervision >= 0.0, "attention_supervision must be >= 0 (0 = off)"),
             (self.attention_negatives >= 0, "attention_negatives must be >= 0 (0 = none)"),
+            (self.attention_peak >= 0.0, "attention_peak must be >= 0 (0 = off)"),
             (0.0 <= self.shift_fraction < 0.5, "shift_fraction must lie in [0, 0.5)"),
             (self.heatmap in ("attention", "gradcam", "gradcam++"), "heatmap must be 'attention', 'gradcam' or 'gradcam++'"),
             (self.stochastic_depth in ("sample", "batch"), "stochastic_depth must be 'sample' or 'batch'"),

@@ -157,17 +157,21 @@ def prepare_patient(row, preset: Preset, jitter: tuple[int, int, int], clinical:
 def lesion_free_windows(prepared: Volume, preset: Preset, kmin, kmax, count: int, seed: int,
                         patient_id: str) -> Optional[np.ndarray]:
     """``count`` windows of the prepared CT that a whole-volume scan would evaluate (sliding
-    positions with some body in them) and that do not touch the lesion box; drawn reproducibly
-    from (seed, patient). None when ``count`` is 0 or no such window exists."""
+    positions reaching the lungs, ``lung_mask.select_scan_windows``, with some body in them) and
+    that do not touch the lesion box; drawn reproducibly from (seed, patient). Those are the
+    windows whose maps compete with the lesion's in a scan, lung and vessels and chest wall, not
+    the air and shoulders the scan never looks at. None when ``count`` is 0 or no such window exists."""
     if count <= 0:
         return None
     import hashlib
+
+    from MMCAFNetLib.lung_mask import select_scan_windows
 
     size = np.array(preset.window)
     lo_box, hi_box = np.array(kmin), np.array(kmax)
     body_level = float(preset.normalise(np.float32(-900.0)))
     candidates = []
-    for c in win.sliding_window_centers(prepared, preset):
+    for c in select_scan_windows(prepared, preset, win.sliding_window_centers(prepared, preset)).kept:
         start = np.array(c) - size // 2
         if np.all(start <= hi_box) and np.all(start + size - 1 >= lo_box):
             continue  # overlaps the lesion

@@ -45,7 +45,12 @@ from MMCAFNetLib.plain import to_plain as plain
 from MMCAFNetLib.strict_json import dumps as strict_dumps
 from MMCAFNetLib.train import distributed as D
 from MMCAFNetLib.train.config import TrainConfig
-from MMCAFNetLib.train.losses import attention_background_loss, attention_box_loss, build_loss
+from MMCAFNetLib.train.losses import (
+    attention_background_loss,
+    attention_box_loss,
+    attention_peak_loss,
+    build_loss,
+)
 from MMCAFNetLib.train.sampling import EpochSampler
 
 LAST = "last.pt"
@@ -479,9 +484,14 @@ class Trainer:
                 if config.attention_supervision > 0:
                     mask = batch["box_mask"].to(self.device, non_blocking=True)
                     maps = list(out.attention)
-                    attention_loss = attention_box_loss([m[:batch_size] for m in maps], mask)
-                    if negatives is not None:
-                        attention_loss = attention_loss + attention_background_loss([m[batch_size:] for m in maps])
+                    lesion_maps = [m[:batch_size] for m in maps]
+                    free_maps = [m[batch_size:] for m in maps] if negatives is not None else None
+                    attention_loss = attention_box_loss(lesion_maps, mask)
+                    if free_maps is not None:
+                        attention_loss = attention_loss + attention_background_loss(free_maps)
+                    if config.attention_peak > 0:
+                        attention_loss = attention_loss + config.attention_peak * attention_peak_loss(
+                            lesion_maps, mask, free_maps)
                     loss = loss + config.attention_supervision * attention_loss
                 self.scaler.scale(loss / config.grad_accum).backward()
             if boundary:

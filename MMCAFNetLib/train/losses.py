@@ -105,3 +105,32 @@ def attention_box_loss(attention: list[torch.Tensor], box_mask: torch.Tensor) ->
     stacked = torch.stack(losses)  # [levels, B]
     has_box = (mask.flatten(1).amax(dim=1) > 0).float()
     return (stacked * has_box).sum() / (has_box.sum() * len(attention)).clamp(min=1.0)
+
+
+def attention_peak_loss(attention: list[torch.Tensor], box_mask: torch.Tensor,
+                        background: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    """The heatmap a reader sees is judged by its peak, so train the peak: on the map combined
+    as the Predictor combines it (``heatmap.combine_attention_levels``), binary cross-entropy of
+    the highest cell touching the lesion box against 1, of the highest cell outside it against 0
+    and, for lesion-free windows (``background``, maps of the same levels), of their highest cell
+    against 0.
+
+    The cell-mean losses above let a few hot cells outside the lesion cost next to nothing, yet a
+    whole-volume scan's peak is exactly such a cell in some other window. Windows without a box
+    add no lesion terms. Returns the mean of the terms present.
+    """
+    from MMCAFNetLib.heatmap import combine_attention_levels
+
+    combined = combine_attention_levels(attention).clamp(1e-6, 1 - 1e-6)  # [B, d, h, w]
+    share = F.adaptive_avg_pool3d(box_mask.float(), tuple(combined.shape[-3:]))[:, 0]
+    touches = share > 0
+    has_box = touches.flatten(1).any(dim=1)
+    flat, inside = combined.flatten(1), touches.flatten(1)
+    peak_in = torch.where(inside, flat, torch.zeros_like(flat)).amax(dim=1)
+    peak_out = torch.where(inside, torch.zeros_like(flat), flat).amax(dim=1)
+    terms = [(-(peak_in.log()) - (1.0 - peak_out).log())[has_box]]
+    if background:
+        peak_bg = combine_attention_levels(background).clamp(1e-6, 1 - 1e-6).flatten(1).amax(dim=1)
+        terms.append(-(1.0 - peak_bg).log())
+    values = torch.cat(terms)
+    return values.mean() if values.numel() else combined.sum() * 0.0

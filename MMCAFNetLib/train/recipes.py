@@ -54,6 +54,7 @@ PAPER_COMMON: dict[str, Any] = {
     "rotate_degrees": 15.0,
     "attention_supervision": 0.0,
     "attention_negatives": 0,
+    "attention_peak": 0.0,
     "stochastic_depth": "batch",
 }
 
