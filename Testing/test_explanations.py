@@ -4,6 +4,8 @@ focus and the reference's stochastic-depth rule."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -385,3 +387,24 @@ def test_supervised_training_and_localisation_report(tmp_path_factory, tmp_path)
     assert metrics["whole_volume"]["num_patients"] == n
     report = (out / "report.md").read_text()
     assert "## Localisation" in report and "| gradcam | whole volume" in report and "seen by the model" in report
+
+
+def test_shuffled_label_cohort_keeps_class_counts_and_the_test_rows():
+    """The negative control's cohort: labels permuted among training and validation rows only."""
+    import importlib.util
+
+    import pandas as pd
+
+    tool = Path(__file__).resolve().parents[1] / "MMCAFNet" / "Testing" / "Python" / "shuffle_labels.py"
+    spec = importlib.util.spec_from_file_location("shuffle_labels", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    source = pd.DataFrame([{"patient_id": f"P{i:03d}", "label": "AG"[i % 3 == 0],
+                            "split": ["train", "val", "test"][i % 5 % 3], "series_path": f"s{i}"} for i in range(60)])
+    shuffled, summary = module.shuffle_labels(source, seed=3)
+    pool = source["split"] != "test"
+    assert summary["rows_shuffled"] == int(pool.sum())
+    assert (shuffled.loc[~pool, "label"] == source.loc[~pool, "label"]).all()
+    assert sorted(shuffled.loc[pool, "label"]) == sorted(source.loc[pool, "label"])
+    assert (shuffled.loc[pool, "label"] != source.loc[pool, "label"]).any()
+    assert (shuffled["patient_id"] == source["patient_id"]).all() and (shuffled["series_path"] == source["series_path"]).all()

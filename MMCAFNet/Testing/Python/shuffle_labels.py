@@ -15,22 +15,16 @@ import sys
 from pathlib import Path
 
 
-def shuffle_labels(cohort: Path, out: Path, seed: int) -> dict:
+def shuffle_labels(df, seed: int):
+    """(the cohort with its training and validation labels permuted, a summary)."""
     import numpy as np
 
-    from MMCAFNetLib.train.data import load_cohort
-
-    df = load_cohort(cohort)
     pool = np.flatnonzero((df["split"] != "test").to_numpy())
     rng = np.random.default_rng(seed)
     labels = df["label"].to_numpy().copy()
     labels[pool] = labels[rng.permutation(pool)]
     kept = int((labels[pool] == df["label"].to_numpy()[pool]).sum())
-    df = df.assign(label=labels)
-    if out.exists():
-        raise SystemExit(f"{out} exists; choose another path")
-    df.to_csv(out, index=False)
-    return {"rows_shuffled": int(len(pool)), "labels_unchanged_by_chance": kept, "out": str(out)}
+    return df.assign(label=labels), {"rows_shuffled": len(pool), "labels_unchanged_by_chance": kept}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(shuffle_labels(args.cohort, args.out, args.seed))
+    from MMCAFNetLib.train.data import load_cohort
+
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists; choose another path")
+    shuffled, summary = shuffle_labels(load_cohort(args.cohort), args.seed)
+    shuffled.to_csv(args.out, index=False)
+    print({**summary, "out": str(args.out)})
     return 0
 
 
