@@ -9,8 +9,9 @@ How a heatmap is made (the Predictor calls these in this order):
    for each class.
 2. Each window's map is upsampled (trilinear) to the window's voxel grid, scaled by that window's
    probability of the predicted class (so where windows overlap, the ones that drove the
-   max-aggregated prediction dominate) and pasted onto a canvas on the preprocessed grid, combining
-   overlapping windows by max.
+   max-aggregated prediction dominate; not for the attention maps of a model trained with box
+   supervision, whose values are lesion probabilities comparable between windows) and pasted onto
+   a canvas on the preprocessed grid, combining overlapping windows by max.
 3. The canvas is normalised to 0..1 over the evaluated windows (minimum -> 0, maximum -> 1) and is 0
    outside them, then resampled to the CT grid in physical space (direction cosines respected) by
    :func:`resample_to_grid`, the single place where maps change grid.

@@ -34,18 +34,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known shortfall of the bundled demo model, not of the heatmap code (whose placement is tested "
-        "exactly elsewhere): its attention maps are not trained to localise. Their peak sits at the same place "
-        "in every window, 56-70 mm from the lesion centre near the window's edge (most likely an effect of the "
-        "convolutions' padding), so it lands in the lesion box in 0 of these 6 cases and 0 of 16 others; the test asks for 4. Grad-CAM from "
-        "the same model does localise (next test). It turns into a pass when a demo model whose attention "
-        "localises is bundled."
-    ),
-)
 def test_attention_peak_lies_in_the_lesion_box_for_most_cases(demo_predictor, record_property) -> None:
+    """The demo model's own heatmap, its box-supervised attention map, points at the marked lesion
+    (docs/training.md: 0.75 on 160 new phantoms, 0.93 for lesions over 10 mm)."""
+    assert demo_predictor.default_heatmap == "attention"
     assert demo_predictor.is_demo
     hits, correct = 0, 0
     classes = demo_predictor.class_names
@@ -64,17 +56,3 @@ def test_attention_peak_lies_in_the_lesion_box_for_most_cases(demo_predictor, re
     print(f"attention peak inside the lesion box (+{MARGIN_MM} mm): {hits}/{len(SEEDS)}; "
           f"demo accuracy {correct}/{len(SEEDS)}")
     assert rate >= MIN_RATE, f"the attention peak fell inside the lesion box in only {hits}/{len(SEEDS)} cases"
-
-
-@pytest.mark.slow
-def test_gradcam_peak_lies_in_the_lesion_box_for_most_cases(demo_predictor) -> None:
-    """The explanation a reader can use today: the demo model's Grad-CAM points at the lesion."""
-    hits = 0
-    for n, seed in enumerate(SEEDS):
-        case = make_case(demo_predictor.class_names[n % 2], seed, 128)
-        result = demo_predictor.classify(case.volume, case.record, lesion=case.lesion_center_ras, heatmap="gradcam")
-        peak = hm.peak_ras(result.heatmap)
-        lo = np.asarray(case.lesion_box_ras[0]) - MARGIN_MM
-        hi = np.asarray(case.lesion_box_ras[1]) + MARGIN_MM
-        hits += int(peak is not None and bool(np.all((peak >= lo) & (peak <= hi))))
-    assert hits / len(SEEDS) >= MIN_RATE, f"the Grad-CAM peak fell inside the lesion box in only {hits}/{len(SEEDS)} cases"
