@@ -52,55 +52,47 @@ def test_demo_model_reaches_its_reported_accuracy_on_fresh_patients():
     assert accuracy >= floor, f"{correct}/{n} fresh patients right, report claims {p:.3f} (floor {floor:.3f})"
 
 
-def test_demo_default_heatmap_points_at_the_lesion_on_fresh_patients():
-    """The model's own heatmap (its checkpoint's ``heatmap``) peaks in the lesion box (+5 mm) when the
-    lesion is given, on fresh phantoms, about as often as its report's localisation says."""
+def _claimed_pointing(run: str) -> float:
+    """The bundled report's pointing game of the model's default heatmap for ``run`` (lesion | whole)."""
+    claimed = json.loads(REPORT.read_text())
+    localisation = claimed.get("localisation") or {}
+    block = (localisation.get("methods") or {}).get(localisation.get("default_method"), {}).get(run)
+    if block is None:
+        pytest.skip(f"the bundled report has no {run} localisation; refresh it with the command in "
+                    "docs/training.md ('The bundled demo model')")
+    return float(block["pointing_game"])
+
+
+def _assert_pointing_as_claimed(run: str, margin_mm: float) -> None:
+    """The default heatmap's peak falls in the lesion box (+ margin) on 8 fresh phantoms not less
+    often than the report claims, less two binomial standard errors."""
     from MMCAFNetLib.evaluate.localisation import localisation_record
     from MMCAFNetLib.inference import Predictor
     from MMCAFNetLib.synthetic import make_case
 
-    claimed = json.loads(REPORT.read_text())
-    if "localisation" not in claimed:
-        pytest.skip("the bundled report was written before evaluate measured localisation; refresh it with the "
-                    "command in docs/training.md ('The bundled demo model')")
-    block = claimed["localisation"]["methods"][claimed["localisation"]["default_method"]]["lesion"]
+    p = _claimed_pointing(run)
     predictor = Predictor.load(DEMO, device="cpu")
     cases = [(label, number) for number in range(1, 5) for label in ("A", "G")]
     hits = 0
     for label, number in cases:
         case = make_case(label, FRESH_SEED, size=128, number=number)
-        result = predictor.classify(case.volume, case.record, lesion=case.lesion_box_ras)  # heatmap="model"
+        lesion = case.lesion_box_ras if run == "lesion" else None
+        result = predictor.classify(case.volume, case.record, lesion=lesion)  # heatmap="model"
         assert result.heatmap.meta["method"] == predictor.default_heatmap
         lo, hi = (np.asarray(c, dtype=float) for c in case.lesion_box_ras)
-        hits += localisation_record(result.heatmap, lo, hi, margin_mm=5.0)["hit"]
+        hits += localisation_record(result.heatmap, lo, hi, margin_mm=margin_mm)["hit"]
     n = len(cases)
-    p = block["pointing_game"]
     floor = p - 2 * math.sqrt(max(p * (1 - p), 0.05) / n)
-    assert hits / n >= floor, f"{hits}/{n} peaks in the lesion box, report claims {p:.2f} (floor {floor:.2f})"
+    assert hits / n >= floor, f"{run}: {hits}/{n} peaks in the lesion box, report claims {p:.2f} (floor {floor:.2f})"
+
+
+def test_demo_default_heatmap_points_at_the_lesion_on_fresh_patients():
+    """Given the lesion, the model's own heatmap (its checkpoint's ``heatmap``) peaks in the lesion
+    box (+5 mm) on fresh phantoms about as often as its report says."""
+    _assert_pointing_as_claimed("lesion", margin_mm=5.0)
 
 
 def test_demo_default_heatmap_finds_the_lesion_in_a_whole_volume_scan():
     """Without a lesion mark the model's own heatmap peaks in the lesion box (+10 mm) on fresh
     phantoms about as often as its report's whole-volume localisation says."""
-    from MMCAFNetLib.evaluate.localisation import localisation_record
-    from MMCAFNetLib.inference import Predictor
-    from MMCAFNetLib.synthetic import make_case
-
-    claimed = json.loads(REPORT.read_text())
-    whole = claimed.get("localisation", {}).get("methods", {}).get(
-        claimed.get("localisation", {}).get("default_method"), {}).get("whole")
-    if whole is None:
-        pytest.skip("the bundled report has no whole-volume localisation; refresh it with the command in "
-                    "docs/training.md ('The bundled demo model')")
-    predictor = Predictor.load(DEMO, device="cpu")
-    cases = [(label, number) for number in range(1, 5) for label in ("A", "G")]
-    hits = 0
-    for label, number in cases:
-        case = make_case(label, FRESH_SEED, size=128, number=number)
-        result = predictor.classify(case.volume, case.record, lesion=None)  # heatmap="model"
-        lo, hi = (np.asarray(c, dtype=float) for c in case.lesion_box_ras)
-        hits += localisation_record(result.heatmap, lo, hi, margin_mm=10.0)["hit"]
-    n = len(cases)
-    p = whole["pointing_game"]
-    floor = p - 2 * math.sqrt(max(p * (1 - p), 0.05) / n)
-    assert hits / n >= floor, f"{hits}/{n} whole-volume peaks in the lesion box, report claims {p:.2f} (floor {floor:.2f})"
+    _assert_pointing_as_claimed("whole", margin_mm=10.0)
