@@ -128,7 +128,7 @@ def attention_peak_loss(attention: list[torch.Tensor], box_mask: torch.Tensor,
     flat, inside = combined.flatten(1), touches.flatten(1)
     peak_in = torch.where(inside, flat, torch.zeros_like(flat)).amax(dim=1)
     peak_out = torch.where(inside, torch.zeros_like(flat), flat).amax(dim=1)
-    terms = [(-(peak_in.log()) - (1.0 - peak_out).log())[has_box]]
+    terms = [-peak_in[has_box].log() - (1.0 - peak_out[has_box]).log()]  # no log(0) of box-less windows
     if background:
         peak_bg = combine_attention_levels(background).clamp(1e-6, 1 - 1e-6).flatten(1).amax(dim=1)
         terms.append(-(1.0 - peak_bg).log())
