@@ -234,8 +234,14 @@ def nrrd_file(draw) -> bytes:
 @fuzz_settings(120)
 @given(nrrd_file())
 def test_nrrd_headers_give_a_volume_or_an_input_error(data: bytes) -> None:
+    read_or_refuse("fuzz.nrrd", data)
+
+
+def read_or_refuse(name: str, data: bytes) -> None:
+    """``data`` written as file ``name`` reads, within 30 s, as a usable volume without NaN or
+    infinity, or is refused with the library's own input error."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "fuzz.nrrd"
+        path = Path(tmp) / name
         path.write_bytes(data)
         with alarm(30):
             try:
@@ -281,14 +287,4 @@ def nifti_file(draw) -> bytes:
 @fuzz_settings(120)
 @given(nifti_file(), st.booleans())
 def test_nifti_headers_give_a_volume_or_an_input_error(data: bytes, compressed: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / ("fuzz.nii.gz" if compressed else "fuzz.nii")
-        path.write_bytes(gzip.compress(data) if compressed else data)
-        with alarm(30):
-            try:
-                volume = read_volume(path)
-            except Exception as exc:
-                own_error(exc)
-                return
-        assert_usable(volume)
-        assert not (volume.array.dtype.kind == "f" and not np.all(np.isfinite(volume.array)))
+    read_or_refuse("fuzz.nii.gz" if compressed else "fuzz.nii", gzip.compress(data) if compressed else data)
