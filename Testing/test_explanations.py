@@ -92,6 +92,29 @@ def test_attention_box_loss_prefers_maps_on_the_box_and_ignores_empty_masks():
     assert (flat.grad[share > 0.99] < 0).all() and (flat.grad[share == 0] > 0).all()
 
 
+def test_touch_target_asks_full_strength_of_every_cell_the_box_touches():
+    """A lesion smaller than a map cell: the share target asks that cell for a fraction, the touch
+    target for 1; on a box aligned with the cells the two are the same loss."""
+    from MMCAFNetLib.train.losses import attention_box_loss
+
+    aligned = torch.zeros(1, 1, 8, 32, 32)
+    aligned[0, :, 2:6, 8:16, 8:16] = 1.0  # whole cells of a (4, 8, 8) grid
+    maps = (0.1 + 0.8 * torch.rand(1, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1)))
+    assert float(attention_box_loss([maps], aligned, "touch")) == pytest.approx(float(attention_box_loss([maps], aligned)))
+    small = torch.zeros(1, 1, 8, 32, 32)
+    small[0, :, 2, 9:11, 9:11] = 1.0  # 4 voxels of one 2 x 4 x 4 cell
+    on_cell = torch.full((1, 1, 4, 8, 8), 0.05)
+    on_cell[0, 0, 1, 2, 2] = 0.95
+    half = on_cell.clone()
+    half[0, 0, 1, 2, 2] = 0.2
+    touch_gain = float(attention_box_loss([half], small, "touch")) - float(attention_box_loss([on_cell], small, "touch"))
+    share_gain = float(attention_box_loss([half], small)) - float(attention_box_loss([on_cell], small))
+    assert touch_gain > 0.5 and touch_gain > share_gain
+    flat = torch.full((1, 1, 4, 8, 8), 0.5, requires_grad=True)
+    attention_box_loss([flat], small, "touch").backward()
+    assert float(flat.grad[0, 0, 1, 2, 2]) < 0 and (flat.grad[0, 0, 0] > 0).all()
+
+
 def test_attention_peak_loss_punishes_one_hot_cell_that_the_mean_overlooks():
     """One hot cell outside the lesion decides a whole-volume scan's peak; the peak terms see it,
     the cell-mean losses hardly do."""
@@ -151,6 +174,33 @@ def test_training_items_carry_the_box_mask_through_the_augmentation():
     item = plain[(2, 2, 0)]
     assert "box_mask" not in item
     np.testing.assert_array_equal(item["image"].numpy(), ds[(2, 2, 0)]["image"].numpy())
+
+
+def test_each_training_window_brings_its_lesion_free_windows():
+    """``negatives_per_window`` lesion-free windows ride along with each training item; the first
+    draw is the one a single negative gets, so adding more leaves the earlier draws alone."""
+    from MMCAFNetLib.preset import Preset
+    from MMCAFNetLib.train.data import LesionWindowDataset, PatientWindows, collate
+
+    preset = Preset(name="t", spacing=(4.0, 4.0, 4.0), window=(4, 16, 16), hu_range=(-1000.0, 400.0), mean=0.3)
+    crop = np.full((8, 24, 24), -1000.0, dtype=np.float32)
+    mask = np.zeros_like(crop)
+    mask[3:5, 10:14, 10:14] = 1.0
+    pool = np.stack([np.full((4, 16, 16), float(v), np.float32) for v in range(5)])  # told apart by value
+    pw = PatientWindows(Volume(crop, np.eye(4)), [(4, 12, 12)], np.zeros(3, np.float32), 0, "p", 8.0, mask, pool)
+
+    def dataset(n: int) -> LesionWindowDataset:
+        return LesionWindowDataset([pw], preset, train=True, seed=2, windows_per_patient=4, jitter_slices=0,
+                                   augment=False, negatives_per_window=n)
+
+    one, three = dataset(1), dataset(3)
+    items = [three[(0, d, 0)] for d in range(4)]
+    assert all(item["negative"].shape == (3, 1, 4, 16, 16) for item in items)
+    for d, item in enumerate(items):
+        np.testing.assert_array_equal(item["negative"][0].numpy(), one[(0, d, 0)]["negative"][0].numpy())
+        assert {float(w.flatten()[0]) for w in item["negative"]} <= set(range(5))
+    batch = collate(items)
+    assert batch["negative"].shape == (4, 3, 1, 4, 16, 16) and batch["image"].shape == (4, 1, 4, 16, 16)
 
 
 def test_lesion_free_windows_avoid_the_lesion_and_contain_body():
@@ -360,7 +410,8 @@ def test_supervised_training_and_localisation_report(tmp_path_factory, tmp_path)
     config = resolve_config("default", None, None, {
         "model": "mmcafnet-lite", "model_overrides": {**TINY_MODEL, "final_survival_prob": 0.5},
         "preset": dict(TINY_PRESET), "epochs": 1, "batch_size": 4, "progress": False, "seed": 3, "num_threads": 1,
-        "attention_supervision": 1.0, "attention_negatives": 2, "stochastic_depth": "batch", "heatmap": "gradcam",
+        "attention_supervision": 1.0, "attention_negatives": 2, "attention_negatives_per_window": 2,
+        "attention_box_target": "touch", "attention_peak": 1.0, "stochastic_depth": "batch", "heatmap": "gradcam",
     })
     summary = train(config, cohort, tmp_path / "run")
     assert summary["epochs_completed"] == 1

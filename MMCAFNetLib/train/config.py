@@ -73,10 +73,16 @@ class TrainConfig:
     # training window brings one along whose attention is pushed to 0 everywhere, so the map stays
     # dark where there is no lesion; 0 = none
     attention_negatives: int = 0
+    # with attention_negatives: how many of them each training window brings along
+    attention_negatives_per_window: int = 1
     # with attention supervision: weight of the peak terms (train.losses.attention_peak_loss): the
     # combined map's highest cell in the box pushed up, outside it and in lesion-free windows down;
     # the cell means alone leave the few hot cells that decide a whole-volume scan's peak; 0 = off
     attention_peak: float = 0.0
+    # with attention supervision: what a map cell is pushed towards: "share" (the share of the cell
+    # inside the lesion box) or "touch" (1 for every cell the box touches), so that a lesion
+    # smaller than a cell still asks for a full-strength cell
+    attention_box_target: str = "share"
     num_workers: int = 0
     cache_dir: Optional[str] = None
     # validation and stopping
@@ -138,7 +144,9 @@ class TrainConfig:
             (0.0 <= self.record_dropout <= 1.0, "record_dropout must lie in [0, 1]"),
             (self.attention_supervision >= 0.0, "attention_supervision must be >= 0 (0 = off)"),
             (self.attention_negatives >= 0, "attention_negatives must be >= 0 (0 = none)"),
+            (self.attention_negatives_per_window >= 1, "attention_negatives_per_window must be >= 1"),
             (self.attention_peak >= 0.0, "attention_peak must be >= 0 (0 = off)"),
+            (self.attention_box_target in ("share", "touch"), "attention_box_target must be 'share' or 'touch'"),
             (0.0 <= self.shift_fraction < 0.5, "shift_fraction must lie in [0, 0.5)"),
             (self.heatmap in ("attention", "gradcam", "gradcam++"), "heatmap must be 'attention', 'gradcam' or 'gradcam++'"),
             (self.stochastic_depth in ("sample", "batch"), "stochastic_depth must be 'sample' or 'batch'"),

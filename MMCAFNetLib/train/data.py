@@ -209,7 +209,7 @@ class LesionWindowDataset(Dataset):
                  windows_per_patient: int = 1, jitter_slices: int = 2, rotate_degrees: float = 15.0,
                  flip: bool = True, augment: bool = True, record_dropout: float = 0.0,
                  unknown_clinical: Optional[np.ndarray] = None, scale_range: float = 0.0,
-                 mirror_all_axes: bool = False, shift_fraction: float = 0.125):
+                 mirror_all_axes: bool = False, shift_fraction: float = 0.125, negatives_per_window: int = 1):
         self.patients = patients
         self.preset = preset
         self.train = train
@@ -221,6 +221,7 @@ class LesionWindowDataset(Dataset):
         self.scale_range = float(scale_range)
         self.mirror_all_axes = bool(mirror_all_axes)
         self.shift_fraction = float(shift_fraction)
+        self.negatives_per_window = int(negatives_per_window)
         self.augment = augment and train
         self.record_dropout = float(record_dropout) if train else 0.0
         if self.record_dropout and unknown_clinical is None:
@@ -294,11 +295,14 @@ class LesionWindowDataset(Dataset):
         if self.train and pw.negatives is not None:
             # a separate generator, so the lesion window's draws stay as they are without negatives
             nrng = np.random.default_rng([self.seed, epoch, draw, index, 1])
-            negative = pw.negatives[int(nrng.integers(len(pw.negatives)))]
-            if self.augment:
-                negative = win.augment(negative, nrng, self.preset, rotate_degrees=int(self.rotate_degrees),
-                                       flip_probability=0.5 if self.flip else 0.0)
-            item["negative"] = torch.from_numpy(np.ascontiguousarray(negative, dtype=np.float32))[None]
+            drawn = []
+            for _ in range(self.negatives_per_window):
+                negative = pw.negatives[int(nrng.integers(len(pw.negatives)))]
+                if self.augment:
+                    negative = win.augment(negative, nrng, self.preset, rotate_degrees=int(self.rotate_degrees),
+                                           flip_probability=0.5 if self.flip else 0.0)
+                drawn.append(np.ascontiguousarray(negative, dtype=np.float32))
+            item["negative"] = torch.from_numpy(np.stack(drawn))[:, None]  # [n, 1, D, H, W]
         return item
 
 
@@ -355,7 +359,7 @@ def build_dataset(df, config: TrainConfig, schema, preset: Preset, train: bool,
     return LesionWindowDataset(patients, preset, train, config.seed, config.windows_per_patient,
                                config.jitter_slices, config.rotate_degrees, config.flip, config.augment,
                                config.record_dropout, unknown, config.scale_range, config.mirror_all_axes,
-                               config.shift_fraction)
+                               config.shift_fraction, config.attention_negatives_per_window)
 
 
 # ----------------------------------------------------------------------------- models

@@ -476,8 +476,9 @@ class Trainer:
                 negatives = batch.get("negative")
                 batch_size = image.shape[0]
                 if negatives is not None:  # lesion-free windows ride along in the same forward pass
-                    image = torch.cat([image, negatives.to(self.device, non_blocking=True)])
-                    clinical = torch.cat([clinical, clinical])
+                    per_window = negatives.shape[1]
+                    image = torch.cat([image, negatives.flatten(0, 1).to(self.device, non_blocking=True)])
+                    clinical = torch.cat([clinical, clinical.repeat_interleave(per_window, dim=0)])
                 with autocast_context(self.device, config.amp):
                     out = self.model(image, clinical)
                 loss = self.loss_fn(out.logits[:batch_size].float(), target)
@@ -486,7 +487,7 @@ class Trainer:
                     maps = list(out.attention)
                     lesion_maps = [m[:batch_size] for m in maps]
                     free_maps = [m[batch_size:] for m in maps] if negatives is not None else None
-                    attention_loss = attention_box_loss(lesion_maps, mask)
+                    attention_loss = attention_box_loss(lesion_maps, mask, config.attention_box_target)
                     if free_maps is not None:
                         attention_loss = attention_loss + attention_background_loss(free_maps)
                     if config.attention_peak > 0:

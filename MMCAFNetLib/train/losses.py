@@ -77,7 +77,7 @@ def attention_background_loss(attention: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def attention_box_loss(attention: list[torch.Tensor], box_mask: torch.Tensor) -> torch.Tensor:
+def attention_box_loss(attention: list[torch.Tensor], box_mask: torch.Tensor, target: str = "share") -> torch.Tensor:
     """Weak box supervision of the spatial-attention maps: class-balanced binary cross-entropy
     between each level's map ``[B, 1, d, h, w]`` (values in 0..1) and the share of each map cell
     that lies inside the lesion box (``box_mask`` ``[B, 1, D, H, W]`` on the window's voxels,
@@ -95,11 +95,12 @@ def attention_box_loss(attention: list[torch.Tensor], box_mask: torch.Tensor) ->
         m = level.float().clamp(1e-6, 1 - 1e-6)
         if m.dim() == 4:
             m = m.unsqueeze(1)
-        target = F.adaptive_avg_pool3d(mask, tuple(m.shape[-3:])).clamp(0.0, 1.0)
-        inside = target.sum(dim=(1, 2, 3, 4))
-        outside = (1.0 - target).sum(dim=(1, 2, 3, 4))
-        pos = -(target * m.log()).sum(dim=(1, 2, 3, 4)) / inside.clamp(min=1e-6)
-        neg = -((1.0 - target) * (1.0 - m).log()).sum(dim=(1, 2, 3, 4)) / outside.clamp(min=1e-6)
+        pool = F.adaptive_avg_pool3d if target == "share" else F.adaptive_max_pool3d
+        cells = pool(mask, tuple(m.shape[-3:])).clamp(0.0, 1.0)
+        inside = cells.sum(dim=(1, 2, 3, 4))
+        outside = (1.0 - cells).sum(dim=(1, 2, 3, 4))
+        pos = -(cells * m.log()).sum(dim=(1, 2, 3, 4)) / inside.clamp(min=1e-6)
+        neg = -((1.0 - cells) * (1.0 - m).log()).sum(dim=(1, 2, 3, 4)) / outside.clamp(min=1e-6)
         per_window = 0.5 * (pos + neg)
         losses.append(torch.where(inside > 1e-6, per_window, torch.zeros_like(per_window)))
     stacked = torch.stack(losses)  # [levels, B]

@@ -55,6 +55,7 @@ PAPER_COMMON: dict[str, Any] = {
     "attention_supervision": 0.0,
     "attention_negatives": 0,
     "attention_peak": 0.0,
+    "attention_box_target": "share",
     "stochastic_depth": "batch",
 }
 
