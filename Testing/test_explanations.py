@@ -203,6 +203,76 @@ def test_each_training_window_brings_its_lesion_free_windows():
     assert batch["negative"].shape == (4, 3, 1, 4, 16, 16) and batch["image"].shape == (4, 1, 4, 16, 16)
 
 
+def test_hard_negative_mining_ranks_the_windows_the_model_lights_up():
+    """The mined ranking is the peak of each lesion-free window's combined attention map, and the
+    dataset then draws only from each patient's hottest windows."""
+    from MMCAFNetLib.heatmap import combine_attention_levels
+    from MMCAFNetLib.models import create_model
+    from MMCAFNetLib.preset import Preset
+    from MMCAFNetLib.train.data import LesionWindowDataset, PatientWindows
+    from MMCAFNetLib.train.mining import is_mining_epoch, score_lesion_free_windows
+    from train_support import TINY_MODEL
+
+    assert [e for e in range(7) if is_mining_epoch(e, 4, 2)] == [2, 4, 6]
+    assert not any(is_mining_epoch(e, 0, 1) for e in range(5))
+    torch.manual_seed(0)
+    model = create_model("mmcafnet-lite", num_classes=1, num_clinical=3, **TINY_MODEL)
+    preset = Preset(name="t", spacing=(4.0, 4.0, 4.0), window=(8, 32, 32), hu_range=(-1000.0, 400.0), mean=0.3)
+    rng = np.random.default_rng(0)
+    pool = rng.normal(0.0, 1.0, size=(5, 8, 32, 32)).astype(np.float32)
+    crop = Volume(np.full((16, 40, 40), -1000.0, np.float32), np.eye(4))
+    patients = [PatientWindows(crop, [(8, 20, 20)], np.zeros(3, np.float32), 0, "p", 8.0, np.zeros((16, 40, 40), np.float32), pool),
+                PatientWindows(crop, [(8, 20, 20)], np.zeros(3, np.float32), 1, "q", 8.0)]
+    model.train()
+    scores = score_lesion_free_windows(model, patients, torch.device("cpu"), lambda m, x, c: m(x, c), batch_size=2)
+    assert model.training  # the training mode is given back
+    assert scores[1].shape == (0,) and scores[0].shape == (5,)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(pool)[:, None], torch.zeros(5, 3))
+    expected = combine_attention_levels(list(out.attention)).flatten(1).amax(dim=1).numpy()
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-5, atol=1e-6)
+    ds = LesionWindowDataset(patients, preset, train=True, seed=1, windows_per_patient=8, jitter_slices=0,
+                             augment=False)
+    ds.set_hard_negatives([np.array([0.1, 0.9, 0.3, 0.9, 0.2]), np.zeros(0)], keep=2)
+    np.testing.assert_array_equal(ds.hard_negatives[0], [1, 3])
+    drawn = {int(np.flatnonzero([np.array_equal(ds[(i, i, 0)]["negative"][0, 0].numpy(), w) for w in pool])[0])
+             for i in range(8)}
+    assert drawn <= {1, 3} and len(drawn) == 2
+    with pytest.raises(ValueError, match="2 patients"):
+        ds.set_hard_negatives([np.zeros(5)], keep=2)
+
+
+def test_mined_training_resumes_exactly(tmp_path_factory, tmp_path):
+    """The mined ranking in force is part of the training state: a run stopped between two mining
+    rounds and resumed ends with the weights of an uninterrupted one."""
+    pytest.importorskip("MMCAFNetLib.synthetic", reason="the synthetic cohort writer is not available")
+    from train_support import TINY_MODEL, TINY_PRESET, tiny_cohort
+
+    from MMCAFNetLib.checkpoint import load_checkpoint
+    from MMCAFNetLib.train.config import resolve_config
+    from MMCAFNetLib.train.loop import train
+
+    cohort = tiny_cohort(tmp_path_factory)
+
+    def config(**extra):
+        return resolve_config("default", None, None, {
+            "model": "mmcafnet-lite", "model_overrides": dict(TINY_MODEL), "preset": dict(TINY_PRESET),
+            "epochs": 4, "batch_size": 4, "progress": False, "seed": 5, "num_threads": 1,
+            "attention_supervision": 1.0, "attention_negatives": 4, "attention_peak": 1.0,
+            "attention_hard_negatives": 2, "attention_mining_every": 2, **extra})
+
+    train(config(), cohort, tmp_path / "straight")
+    train(config(stop_after_epochs=3), cohort, tmp_path / "resumed")
+    stopped = load_checkpoint(tmp_path / "resumed" / "last.pt")["training_state"]
+    assert stopped["negative_scores"] is not None and len(stopped["negative_scores"]) == 8  # mined before epoch 3
+    train(config(), cohort, tmp_path / "resumed", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6, rtol=1e-5), key
+
+
 def test_lesion_free_windows_avoid_the_lesion_and_contain_body():
     from MMCAFNetLib.preset import Preset
     from MMCAFNetLib.train.data import lesion_free_windows

@@ -75,6 +75,11 @@ class TrainConfig:
     attention_negatives: int = 0
     # with attention_negatives: how many of them each training window brings along
     attention_negatives_per_window: int = 1
+    # hard-negative mining (train.mining): every attention_mining_every epochs the current model
+    # scores each patient's lesion-free windows and the next epochs draw from the
+    # attention_hard_negatives hottest of them; 0 = draw from all (no mining)
+    attention_hard_negatives: int = 0
+    attention_mining_every: int = 1
     # with attention supervision: weight of the peak terms (train.losses.attention_peak_loss): the
     # combined map's highest cell in the box pushed up, outside it and in lesion-free windows down;
     # the cell means alone leave the few hot cells that decide a whole-volume scan's peak; 0 = off
@@ -145,6 +150,8 @@ class TrainConfig:
             (self.attention_supervision >= 0.0, "attention_supervision must be >= 0 (0 = off)"),
             (self.attention_negatives >= 0, "attention_negatives must be >= 0 (0 = none)"),
             (self.attention_negatives_per_window >= 1, "attention_negatives_per_window must be >= 1"),
+            (self.attention_hard_negatives >= 0, "attention_hard_negatives must be >= 0 (0 = no mining)"),
+            (self.attention_mining_every >= 1, "attention_mining_every must be >= 1 (epochs)"),
             (self.attention_peak >= 0.0, "attention_peak must be >= 0 (0 = off)"),
             (self.attention_box_target in ("share", "touch"), "attention_box_target must be 'share' or 'touch'"),
             (0.0 <= self.shift_fraction < 0.5, "shift_fraction must lie in [0, 0.5)"),

@@ -222,6 +222,8 @@ class LesionWindowDataset(Dataset):
         self.mirror_all_axes = bool(mirror_all_axes)
         self.shift_fraction = float(shift_fraction)
         self.negatives_per_window = int(negatives_per_window)
+        #: per patient, the indices of the lesion-free windows to draw from (``set_hard_negatives``); None = all
+        self.hard_negatives: Optional[list[np.ndarray]] = None
         self.augment = augment and train
         self.record_dropout = float(record_dropout) if train else 0.0
         if self.record_dropout and unknown_clinical is None:
@@ -236,6 +238,18 @@ class LesionWindowDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def set_hard_negatives(self, scores: Optional[list[np.ndarray]], keep: int) -> None:
+        """Draw each patient's lesion-free windows from the ``keep`` that ``scores`` (one value per
+        window of ``negatives``, higher = harder) rank highest, ties to the earlier window; None
+        draws from all again."""
+        if scores is None:
+            self.hard_negatives = None
+            return
+        if len(scores) != len(self.patients):
+            raise ValueError(f"{len(scores)} score arrays for {len(self.patients)} patients")
+        self.hard_negatives = [np.sort(np.argsort(-np.asarray(s, dtype=np.float64), kind="stable")[:max(int(keep), 1)])
+                               for s in scores]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -295,9 +309,10 @@ class LesionWindowDataset(Dataset):
         if self.train and pw.negatives is not None:
             # a separate generator, so the lesion window's draws stay as they are without negatives
             nrng = np.random.default_rng([self.seed, epoch, draw, index, 1])
+            choices = self.hard_negatives[p] if self.hard_negatives is not None else np.arange(len(pw.negatives))
             drawn = []
             for _ in range(self.negatives_per_window):
-                negative = pw.negatives[int(nrng.integers(len(pw.negatives)))]
+                negative = pw.negatives[int(choices[int(nrng.integers(len(choices)))])]
                 if self.augment:
                     negative = win.augment(negative, nrng, self.preset, rotate_degrees=int(self.rotate_degrees),
                                            flip_probability=0.5 if self.flip else 0.0)

@@ -51,6 +51,7 @@ from MMCAFNetLib.train.losses import (
     attention_peak_loss,
     build_loss,
 )
+from MMCAFNetLib.train.mining import is_mining_epoch, score_lesion_free_windows
 from MMCAFNetLib.train.sampling import EpochSampler
 
 LAST = "last.pt"
@@ -409,6 +410,8 @@ class Trainer:
             "history": plain(self.history),
             "world_size": self.ctx.world_size,
             "config": plain(self.config.to_dict()),
+            "negative_scores": (None if self.negative_scores is None
+                                else [torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in self.negative_scores]),
         }
 
     def _restore(self) -> int:
@@ -430,6 +433,9 @@ class Trainer:
         self.bad_epochs = int(state["bad_epochs"])
         self.history = list(state["history"])
         self.global_step = int(state["global_step"])
+        if state.get("negative_scores") is not None:  # the mined ranking in force when the run stopped
+            self.negative_scores = [v.numpy() for v in state["negative_scores"]]
+            self.train_set.set_hard_negatives(self.negative_scores, self.config.attention_hard_negatives)
         return int(state["epoch"])
 
     # -- logging
@@ -447,8 +453,24 @@ class Trainer:
         write_text_atomic(self.out_dir / "log.csv", buf.getvalue())
 
     # -- one epoch
+    def _mine_negatives(self, epoch: int) -> None:
+        """Hard-negative mining before ``epoch`` (train.mining); every rank scores every patient
+        with the same weights, so all ranks draw alike."""
+        config = self.config
+        if not is_mining_epoch(epoch, config.attention_hard_negatives, config.attention_mining_every):
+            return
+
+        def forward(model, image, clinical):
+            with autocast_context(self.device, config.amp):
+                return model(image, clinical)
+
+        self.negative_scores = score_lesion_free_windows(self.raw_model, self.train_set.patients, self.device,
+                                                         forward, batch_size=max(self._per_rank_batch(), 16))
+        self.train_set.set_hard_negatives(self.negative_scores, config.attention_hard_negatives)
+
     def _train_epoch(self, epoch: int) -> float:
         config = self.config
+        self._mine_negatives(epoch)
         self.model.train()
         apply_batchnorm_mode(self.raw_model, self.bn_mode)
         self.sampler.set_epoch(epoch)
@@ -539,6 +561,7 @@ class Trainer:
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
         self.global_step = 0
+        self.negative_scores: Optional[list[np.ndarray]] = None
         start_epoch = 0
         if resume:
             if not (self.out_dir / LAST).is_file():

@@ -1,0 +1,52 @@
+"""Hard-negative mining for the attention supervision.
+
+A whole-volume scan's heatmap peak is decided by whichever lesion-free window the current model
+lights up most, and a random handful of lesion-free windows per patient rarely holds that one.
+So every few epochs the trainer scores each training patient's lesion-free windows with the
+current weights (the peak of the combined attention map, as the Predictor combines it) and the
+next epochs draw from the hottest of them (``LesionWindowDataset.set_hard_negatives``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from MMCAFNetLib.heatmap import combine_attention_levels
+
+
+def is_mining_epoch(epoch: int, hard_negatives: int, every: int) -> bool:
+    """Mining happens before epoch ``epoch`` (0-based) when it is on, never before the first
+    epoch (untrained weights rank nothing) and then every ``every`` epochs."""
+    return hard_negatives > 0 and epoch > 0 and epoch % max(int(every), 1) == 0
+
+
+def score_lesion_free_windows(model: torch.nn.Module, patients: Sequence[Any], device: torch.device,
+                              forward: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Any],
+                              batch_size: int = 32) -> list[np.ndarray]:
+    """Per patient, the peak of each lesion-free window's combined attention map ``[K]`` (an empty
+    array for a patient without lesion-free windows). Evaluation mode, no gradients; the model's
+    training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    scores: list[np.ndarray] = []
+    try:
+        with torch.no_grad():
+            for pw in patients:
+                if pw.negatives is None or not len(pw.negatives):
+                    scores.append(np.zeros(0, dtype=np.float32))
+                    continue
+                peaks = []
+                for start in range(0, len(pw.negatives), batch_size):
+                    chunk = np.ascontiguousarray(pw.negatives[start:start + batch_size], dtype=np.float32)
+                    image = torch.from_numpy(chunk)[:, None].to(device)
+                    clinical = torch.from_numpy(np.asarray(pw.clinical, dtype=np.float32))[None]
+                    out = forward(model, image, clinical.expand(len(chunk), -1).to(device))
+                    combined = combine_attention_levels(list(out.attention))
+                    peaks.append(combined.flatten(1).amax(dim=1).float().cpu().numpy())
+                scores.append(np.concatenate(peaks))
+    finally:
+        model.train(was_training)
+    return scores
