@@ -206,12 +206,13 @@ def test_each_training_window_brings_its_lesion_free_windows():
 def test_hard_negative_mining_ranks_the_windows_the_model_lights_up():
     """The mined ranking is the peak of each lesion-free window's combined attention map, and the
     dataset then draws only from each patient's hottest windows."""
+    from train_support import TINY_MODEL
+
     from MMCAFNetLib.heatmap import combine_attention_levels
     from MMCAFNetLib.models import create_model
     from MMCAFNetLib.preset import Preset
     from MMCAFNetLib.train.data import LesionWindowDataset, PatientWindows
     from MMCAFNetLib.train.mining import is_mining_epoch, score_lesion_free_windows
-    from train_support import TINY_MODEL
 
     assert [e for e in range(7) if is_mining_epoch(e, 4, 2)] == [2, 4, 6]
     assert not any(is_mining_epoch(e, 0, 1) for e in range(5))
