@@ -171,6 +171,58 @@ def test_a_map_non_zero_everywhere_is_compressed_losslessly(tmp_path) -> None:
     assert sizes[JPEGLSLossless] < sizes[ExplicitVRLittleEndian]  # 1/24 on a 512 x 512 x 313 scan (bench W8)
 
 
+def test_a_highdicom_that_refuses_jpeg_ls_gets_the_map_uncompressed(tmp_path, monkeypatch) -> None:
+    """Where highdicom will not write a JPEG-LS map (older versions, or an encoder that fails), the
+    map is written uncompressed with the same stored values; where the uncompressed map fails too,
+    that error reaches the caller."""
+    folder = real_series()
+    ct = read_volume(folder)
+    sources = [s for _, s in sorted(source_headers(folder).items(),
+                                    key=lambda item: ct.meta["sop_instance_uids"].index(item[0]))]
+    heat = np.zeros(ct.shape, np.float32)
+    heat[1:3, 4:12, 5:13] = np.linspace(0.1, 1.0, 8, dtype=np.float32)[None, :, None]
+    result = classification(ct, heat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = build_parametric_map(result, ct, sources, transfer_syntax=ExplicitVRLittleEndian)
+    original = hd.pm.ParametricMap
+    asked = []
+
+    def refusing(*args, transfer_syntax_uid, **kwargs):
+        asked.append(transfer_syntax_uid)
+        if transfer_syntax_uid != ExplicitVRLittleEndian:
+            raise ValueError(f"Transfer syntax {transfer_syntax_uid} is not supported")
+        return original(*args, transfer_syntax_uid=transfer_syntax_uid, **kwargs)
+
+    monkeypatch.setattr(hd.pm, "ParametricMap", refusing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = build_parametric_map(result, ct, sources, transfer_syntax=JPEGLSLossless)
+    assert asked == [JPEGLSLossless, ExplicitVRLittleEndian]
+    path = tmp_path / "heatmap.dcm"
+    pm.save_as(path)
+    back = pydicom.dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    np.testing.assert_array_equal(back.pixel_array, expected.pixel_array)
+
+    def failing(*args, transfer_syntax_uid, **kwargs):
+        raise ValueError("no Parametric Map today")
+
+    monkeypatch.setattr(hd.pm, "ParametricMap", failing)
+    with pytest.raises(ValueError, match="no Parametric Map today"):
+        build_parametric_map(result, ct, sources, transfer_syntax=JPEGLSLossless)
+
+
+def test_without_a_jpeg_ls_encoder_the_map_is_planned_uncompressed(monkeypatch) -> None:
+    import pydicom.pixels.encoders as encoders
+
+    class Unavailable:
+        is_available = False
+
+    monkeypatch.setattr(encoders, "JPEGLSLosslessEncoder", Unavailable)
+    assert heatmap_transfer_syntax() == ExplicitVRLittleEndian
+
+
 def test_predict_writes_seg_and_parametric_map_for_a_dicom_series(tmp_path) -> None:
     from MMCAFNetLib.cli import main
     from MMCAFNetLib.inference.predictor import file_sha256
