@@ -182,8 +182,22 @@ def _read_itk_file(path: str) -> Volume:
     bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
     component = int(bits.group(1)) // 8 if bits else 8
     components = int(reader.GetNumberOfComponents() or 1)
+    if components != 1:  # refused before the pixels are read: ITK's NIfTI reader can crash on some RGB files
+        raise VolumeError(
+            f"cannot read {path}: the image has {components} components per voxel (colour or vector data); a CT "
+            "volume has one. Save a single scalar channel."
+        )
+    declared = declared_text_header_sizes(path)
+    if declared is not None and math.prod(declared) != math.prod(size):
+        # ITK reports a wrapped or clamped size for a huge one (4294967297 reads as 1), then reads the
+        # real one: the memory check below would pass a header that asks for gigabytes
+        raise VolumeError(
+            f"cannot read {path}: its header declares the sizes {' x '.join(map(str, declared))}, but the image "
+            f"reader sees {' x '.join(map(str, size))}; a size that large cannot be read. The header is damaged "
+            "or the image is far larger than a CT; check the file."
+        )
     # the image, its float32 copy for the model (float64 images: also the float32 conversion)
-    check_image_allocation(size[::-1], component * components + 4, path)
+    check_image_allocation(size[::-1], component + 4, path)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -201,6 +215,33 @@ def _read_itk_file(path: str) -> Volume:
         with np.errstate(over="ignore", invalid="ignore"):
             volume.array = volume.array.astype(np.float32)  # beyond the float32 range: inf, refused by the caller
     return volume
+
+
+def declared_text_header_sizes(path: str, limit: int = 1 << 16) -> tuple[int, ...] | None:
+    """The sizes a NRRD (``sizes:``) or MetaImage (``DimSize =``) header declares, as written; None
+    for other formats or a header this cannot parse (the image reader then decides)."""
+    suffix = _suffix(path)
+    if suffix not in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        return None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(limit)
+    except OSError:
+        return None
+    key, sep = ("sizes", ":") if suffix in (".nrrd", ".nhdr") else ("DimSize", "=")
+    for raw in head.split(b"\n"):
+        line = raw.decode("latin-1").strip()
+        if suffix in (".nrrd", ".nhdr") and not line:
+            break  # the blank line ends a NRRD header
+        name, found, value = line.partition(sep)
+        if found and name.strip() == key:
+            try:
+                return tuple(int(v) for v in value.split())
+            except ValueError:
+                return None
+        if suffix in (".mha", ".mhd") and name.strip() == "ElementDataFile":
+            break  # the last MetaImage header field
+    return None
 
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}  # NIfTI datatype code -> numpy kind

@@ -237,6 +237,88 @@ def test_nrrd_headers_give_a_volume_or_an_input_error(data: bytes) -> None:
     read_or_refuse("fuzz.nrrd", data)
 
 
+#: hostile values for one field of an otherwise valid small NRRD
+NRRD_DAMAGE = {
+    "type": ["block", "banana", "", "uint64", "double", "unsigned char"],
+    "dimension": ["0", "-1", "17", "x", "2", "4", "99999999999"],
+    "sizes": ["4 5", "4 5 6 7", "0 5 6", "-1 5 6", "65536 65536 65536", "4294967297 1 1", "1 4294967296 1",
+              "x 5 6", "4 5 999999"],
+    "space directions": ["(0,0,0) (0,1,0) (0,0,1)", "(nan,0,0) (0,1,0) (0,0,1)", "(1e308,0,0) (0,1e308,0) (0,0,1e308)",
+                         "(1,0) (0,1) (0,0)", "none (0,1,0) (0,0,1)", "(1,0,0) (1,0,0) (0,0,1)"],
+    "encoding": ["ascii", "bzip2", "hex", "banana", "gzip"],
+    "endian": ["big", "middle"],
+    "space origin": ["(nan,0,0)", "(1,2)", "x", "(1e308,1e308,1e308)"],
+    "byte skip": ["-1", "5", "999999999", "x"],
+    "line skip": ["3", "-1", "999999"],
+    "data file": ["missing.raw", "LIST"],
+    "kinds": ["RGB-color domain domain", "banana"],
+}
+
+
+@st.composite
+def damaged_valid_nrrd(draw) -> bytes:
+    """A valid 4 x 5 x 6 short NRRD with up to three fields damaged and the data perhaps cut short:
+    close enough to a real file that the reader gets past the header, where the hostile strategy
+    above rarely does."""
+    fields = {"type": "short", "dimension": "3", "space": "left-posterior-superior", "sizes": "4 5 6",
+              "space directions": "(1,0,0) (0,1,0) (0,0,2.5)", "kinds": "domain domain domain",
+              "endian": "little", "encoding": "raw", "space origin": "(0,0,0)"}
+    for key in draw(st.lists(st.sampled_from(sorted(NRRD_DAMAGE)), max_size=3, unique=True)):
+        fields[key] = draw(st.sampled_from(NRRD_DAMAGE[key]))
+    payload = np.arange(120, dtype="<i2").tobytes()
+    payload = payload[: draw(st.sampled_from([len(payload), len(payload), 0, 7, 100]))]
+    if fields["encoding"] == "gzip":
+        payload = gzip.compress(payload)
+    header = "NRRD0004\n" + "".join(f"{k}: {v}\n" for k, v in fields.items()) + "\n"
+    return header.encode("latin-1") + payload
+
+
+@fuzz_settings(150)
+@given(damaged_valid_nrrd())
+def test_nearly_valid_nrrd_files_give_a_volume_or_an_input_error(data: bytes) -> None:
+    read_or_refuse("fuzz.nrrd", data)
+
+
+@pytest.mark.parametrize("name, header", [
+    ("huge.nrrd", "NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: 4294967297 1 1\n"
+                  "space directions: (1,0,0) (0,1,0) (0,0,2.5)\nkinds: domain domain domain\nendian: little\n"
+                  "encoding: raw\nspace origin: (0,0,0)\n\n"),
+    ("huge.mha", "ObjectType = Image\nNDims = 3\nDimSize = 4294967297 1 1\nElementType = MET_SHORT\n"
+                 "ElementDataFile = LOCAL\n"),
+])
+def test_a_size_beyond_what_the_reader_can_index_is_refused_before_reading(tmp_path: Path, name: str, header: str) -> None:
+    """ITK reports such a size wrapped or clamped (4294967297 reads as 1) and then reads the real
+    one: gigabytes for a tiny file, which used to hang the read. The declared sizes are checked."""
+    from MMCAFNetLib.volume import VolumeError, read_volume
+
+    path = tmp_path / name
+    path.write_bytes(header.encode("latin-1") + bytes(240))
+    with alarm(30), pytest.raises(VolumeError, match="declares the sizes 4294967297 x 1 x 1"):
+        read_volume(path)
+
+
+#: a 352-byte NIfTI found by the fuzz test below (RGB24 datatype, damaged header fields) on which
+#: SimpleITK's pixel read crashes the process (segmentation fault); zlib-compressed, base64
+RGB_NIFTI_THAT_CRASHED_ITK = (
+    "eNqLYWQgCjAzcDCwMPyvz2E4eIIJyEIFDQw8YFrBAcjeDxZg+HWYgeFAPZBpD5ZasM156ZWM4EkXFtz8z37lNsMgAMwMN/8D3fdfC+jQ"
+    "iY2mt6Hu3Q9xcwOYfeqTZyHUj2D+Y9tZ7RA2yI8gDGZjgDxtIzANANUHKkg="
+)
+
+
+def test_a_colour_nifti_is_refused_before_its_pixels_are_read(tmp_path: Path) -> None:
+    """A CT has one value per voxel, and reading the pixels of this colour file kills the process
+    inside ITK; the component count from the header refuses it first."""
+    import base64
+    import zlib
+
+    from MMCAFNetLib.volume import VolumeError, read_volume
+
+    path = tmp_path / "colour.nii"
+    path.write_bytes(zlib.decompress(base64.b64decode(RGB_NIFTI_THAT_CRASHED_ITK)))
+    with pytest.raises(VolumeError, match="3 components per voxel"):
+        read_volume(path)
+
+
 def read_or_refuse(name: str, data: bytes) -> None:
     """``data`` written as file ``name`` reads, within 30 s, as a usable volume without NaN or
     infinity, or is refused with the library's own input error."""
