@@ -73,15 +73,18 @@ def to_sitk(volume: Volume) -> Any:
     return image
 
 
+def _components_problem(components: int) -> str:
+    """Why an image with ``components`` values per voxel is not a CT, and the fix."""
+    return (f"the image has {components} components per voxel (colour or vector data); a CT volume has one. "
+            "Save a single scalar channel.")
+
+
 def from_sitk(image: Any, meta: dict[str, Any] | None = None) -> Volume:
     """A Volume from a 3D scalar SimpleITK image (geometry converted from LPS)."""
     import SimpleITK as sitk
 
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(
-            f"the image has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector "
-            "data); a CT volume has one. Save a single scalar channel."
-        )
+        raise VolumeError(_components_problem(image.GetNumberOfComponentsPerPixel()))
     dim = image.GetDimension()
     if dim == 4 and image.GetSize()[3] == 1:
         size = list(image.GetSize())
@@ -183,10 +186,7 @@ def _read_itk_file(path: str) -> Volume:
     component = int(bits.group(1)) // 8 if bits else 8
     components = int(reader.GetNumberOfComponents() or 1)
     if components != 1:  # refused before the pixels are read: ITK's NIfTI reader can crash on some RGB files
-        raise VolumeError(
-            f"cannot read {path}: the image has {components} components per voxel (colour or vector data); a CT "
-            "volume has one. Save a single scalar channel."
-        )
+        raise VolumeError(f"cannot read {path}: {_components_problem(components)}")
     declared = declared_text_header_sizes(path)
     if declared is not None and math.prod(declared) != math.prod(size):
         # ITK reports a wrapped or clamped size for a huge one (4294967297 reads as 1), then reads the

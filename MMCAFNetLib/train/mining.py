@@ -39,11 +39,11 @@ def score_lesion_free_windows(model: torch.nn.Module, patients: Sequence[Any], d
                     scores.append(np.zeros(0, dtype=np.float32))
                     continue
                 peaks = []
+                clinical = torch.from_numpy(np.asarray(pw.clinical, dtype=np.float32))[None].to(device)
                 for start in range(0, len(pw.negatives), batch_size):
                     chunk = np.ascontiguousarray(pw.negatives[start:start + batch_size], dtype=np.float32)
                     image = torch.from_numpy(chunk)[:, None].to(device)
-                    clinical = torch.from_numpy(np.asarray(pw.clinical, dtype=np.float32))[None]
-                    out = forward(model, image, clinical.expand(len(chunk), -1).to(device))
+                    out = forward(model, image, clinical.expand(len(chunk), -1))
                     combined = combine_attention_levels(list(out.attention))
                     peaks.append(combined.flatten(1).amax(dim=1).float().cpu().numpy())
                 scores.append(np.concatenate(peaks))
