@@ -2,11 +2,13 @@
 
 How a heatmap is made (the Predictor calls these in this order):
 
-1. Per window, a low-resolution map from the network: ``attention`` combines the model's own
-   spatial-attention (SAB) maps of every pyramid level by upsampling each level to the finest
-   level's grid and taking their mean (every level votes equally, so a region must be attended at
-   several scales to stand out); ``gradcam`` is Grad-CAM on ``.features`` (the last pyramid level)
-   for each class.
+1. Per window, a low-resolution map from the network: ``attention`` is the model's own
+   spatial-attention (SAB) map, either of every pyramid level (``levels="all"``: each level is
+   upsampled to the finest level's grid and they are averaged, so a region must be attended at
+   several scales to stand out) or of the finest level alone (``levels="finest"``: the sharpest
+   map; the coarse levels' cells span a third of the window and blur a lesion into its
+   surroundings); the checkpoint says which (``Predictor.attention_levels``). ``gradcam`` is
+   Grad-CAM on ``.features`` (the last pyramid level) for each class.
 2. Each window's map is upsampled (trilinear) to the window's voxel grid, scaled by that window's
    probability of the predicted class (so where windows overlap, the ones that drove the
    max-aggregated prediction dominate; not for the attention maps of a model trained with box
@@ -31,13 +33,23 @@ from MMCAFNetLib.volume import Volume, grid_corners_ras
 _AXIS_TOL = 1e-6
 
 
-def combine_attention_levels(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+#: Which pyramid levels' SAB maps make the attention heatmap (``combine_attention_levels``).
+ATTENTION_LEVELS = ("all", "finest")
+
+
+def combine_attention_levels(levels: Sequence[torch.Tensor], use: str = "all") -> torch.Tensor:
     """Per-level SAB maps ``[B, 1, d, h, w]`` (finest first) -> one map ``[B, d0, h0, w0]``.
 
-    Each level is upsampled trilinearly to the finest level's grid; the levels are averaged.
+    ``use="all"``: each level is upsampled trilinearly to the finest level's grid and the levels
+    are averaged; ``"finest"``: the finest level's map alone.
     """
     if not levels:
         raise ValueError("the model returned no attention maps; use heatmap='gradcam' or None")
+    if use not in ATTENTION_LEVELS:
+        raise ValueError(f"attention levels must be one of {ATTENTION_LEVELS}, got {use!r}")
+    if use == "finest":
+        finest = levels[0].float()
+        return finest[:, 0] if finest.dim() == 5 else finest
     target = tuple(levels[0].shape[-3:])
     acc = None
     for level in levels:

@@ -215,7 +215,8 @@ def estimate_whole_volume_scan(predictor: Any, volume: Any, batch_size: Optional
     _, prepared_shape = win.prepared_grid(volume, preset)
     prepared_voxels = int(np.prod(prepared_shape))
     window = tuple(int(w) for w in preset.window)
-    steps = [max(1, int(np.ceil(p / max(1.0, w * 0.75)))) for p, w in zip(prepared_shape, window)]
+    keep = 1.0 - float(getattr(predictor, "scan_overlap", 0.25))  # the share of a window each step moves
+    steps = [max(1, int(np.ceil(p / max(1.0, w * keep)))) for p, w in zip(prepared_shape, window)]
     num_windows = int(np.prod(steps))
     on_cpu = getattr(predictor.device, "type", "cpu") == "cpu"
     params = sum(p.numel() * p.element_size() for p in predictor.model.parameters())
@@ -276,7 +277,7 @@ def _simulated_limit(predictor: Any) -> Optional[int]:
     return None if limit is None else int(limit)
 
 
-def _guarded_run(predictor: Any, image: Any, clinical: Any, heatmap: Optional[str]):
+def _guarded_run(predictor: Any, image: Any, clinical: Any, heatmap: Optional[str], levels: str = "all"):
     import torch
 
     limit = _simulated_limit(predictor)
@@ -285,12 +286,13 @@ def _guarded_run(predictor: Any, image: Any, clinical: Any, heatmap: Optional[st
         raise torch.cuda.OutOfMemoryError(
             f"CUDA out of memory (simulated: the batch input takes {nbytes} bytes, the limit is {limit})"
         )
-    return predictor._run_batch(image, clinical, heatmap)
+    return predictor._run_batch(image, clinical, heatmap, levels)
 
 
-def _split_run(predictor: Any, image: Any, clinical: Any, heatmap: Optional[str], notes: list[str]):
+def _split_run(predictor: Any, image: Any, clinical: Any, heatmap: Optional[str], notes: list[str],
+               levels: str = "all"):
     try:
-        return _guarded_run(predictor, image, clinical, heatmap)
+        return _guarded_run(predictor, image, clinical, heatmap, levels)
     except Exception as exc:
         if not is_out_of_memory(exc) or image.shape[0] == 1:
             raise
@@ -298,8 +300,8 @@ def _split_run(predictor: Any, image: Any, clinical: Any, heatmap: Optional[str]
     half = image.shape[0] // 2
     if not notes:
         notes.append(f"the device ran out of memory at a batch of {image.shape[0]} windows; retried in smaller batches")
-    first = _split_run(predictor, image[:half], clinical[:half], heatmap, notes)
-    second = _split_run(predictor, image[half:], clinical[half:], heatmap, notes)
+    first = _split_run(predictor, image[:half], clinical[:half], heatmap, notes, levels)
+    second = _split_run(predictor, image[half:], clinical[half:], heatmap, notes, levels)
     probs = np.concatenate([first[0], second[0]], axis=0)
     maps = None if first[1] is None else list(first[1]) + list(second[1])
     return probs, maps
@@ -313,8 +315,9 @@ def _empty_cache() -> None:
 
 
 def run_batch_with_fallback(predictor: Any, image: Any, clinical: Any, heatmap: Optional[str],
-                            warnings: Optional[list[str]] = None):
+                            warnings: Optional[list[str]] = None, levels: str = "all"):
     """``predictor._run_batch`` that survives device out-of-memory: smaller batches, then the CPU.
+    ``levels``: the pyramid levels of an attention heatmap (``heatmap.ATTENTION_LEVELS``).
 
     Each fallback adds one line to ``warnings``. After moving to the CPU the predictor stays there
     (reload the model to use the GPU again).
@@ -323,7 +326,7 @@ def run_batch_with_fallback(predictor: Any, image: Any, clinical: Any, heatmap: 
 
     notes: list[str] = []
     try:
-        return _split_run(predictor, image, clinical, heatmap, notes)
+        return _split_run(predictor, image, clinical, heatmap, notes, levels)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -333,7 +336,7 @@ def run_batch_with_fallback(predictor: Any, image: Any, clinical: Any, heatmap: 
         predictor._mmcafnet_cpu_fallback = True
         notes.append("a single window did not fit in the device's memory: the model moved to the CPU "
                      "(slower; reload the model to use the GPU again)")
-        return predictor._run_batch(image, clinical, heatmap)
+        return predictor._run_batch(image, clinical, heatmap, levels)
     finally:
         if warnings is not None:
             warnings.extend(n for n in notes if n not in warnings)

@@ -411,6 +411,94 @@ def test_default_heatmap_comes_from_the_checkpoint(tmp_path):
         predictor.resolve_heatmap("cam")
 
 
+def _demo_checkpoint_with(tmp_path: Path, **changes) -> Path:
+    """The bundled checkpoint with some payload entries replaced (None removes one), saved anew."""
+    from MMCAFNetLib.checkpoint import load_checkpoint
+    from MMCAFNetLib.resources import demo_checkpoint_path
+
+    payload = load_checkpoint(demo_checkpoint_path())
+    for key, value in changes.items():
+        if value is None:
+            payload.pop(key, None)
+        else:
+            payload[key] = value
+    path = tmp_path / f"model-{len(list(tmp_path.iterdir()))}.pt"
+    torch.save(payload, path)
+    return path
+
+
+def test_scan_overlap_and_attention_levels_come_from_the_checkpoint(tmp_path, one_torch_thread):
+    """A whole-volume scan tiles the CT with the checkpoint's overlap and maps it with the
+    checkpoint's scan levels; a lesion-guided run uses its own levels; checkpoints from before
+    these entries keep the old behaviour (overlap 0.25, all levels); damaged entries are refused."""
+    from MMCAFNetLib import memory_guard as mg
+    from MMCAFNetLib import windows as win
+    from MMCAFNetLib.checkpoint import CheckpointError
+    from MMCAFNetLib.inference import Predictor
+    from MMCAFNetLib.synthetic import make_case
+
+    old = Predictor.load(_demo_checkpoint_with(tmp_path, heatmap_options=None, scan_overlap=None), device="cpu")
+    assert (old.scan_overlap, old.attention_levels, old.scan_attention_levels) == (0.25, "all", "all")
+    new = Predictor.load(_demo_checkpoint_with(
+        tmp_path, heatmap_options={"attention_levels": "all", "scan_attention_levels": "finest"}, scan_overlap=0.5),
+        device="cpu")
+    assert (new.scan_overlap, new.scan_attention_levels) == (0.5, "finest")
+    assert new.info["scan_overlap"] == 0.5 and new.info["scan_attention_levels"] == "finest"
+
+    case = make_case("A", 9301, 96)
+    prepared = win.prepare_volume(case.volume, new.preset)
+    scans = {}
+    for predictor in (old, new):
+        result = predictor.classify(case.volume, case.record, lesion=None, heatmap="attention")
+        tiled = win.sliding_window_centers(prepared, predictor.preset, overlap=predictor.scan_overlap)
+        assert result.model["scan"]["windows_tiled"] == len(tiled)
+        assert result.model["scan"]["overlap"] == predictor.scan_overlap
+        scans[predictor.scan_overlap] = result
+    assert scans[0.5].model["scan"]["windows_evaluated"] > 2 * scans[0.25].model["scan"]["windows_evaluated"]
+    assert (mg.estimate_whole_volume_scan(new, case.volume, 1).num_windows
+            > 2 * mg.estimate_whole_volume_scan(old, case.volume, 1).num_windows)
+
+    # The per-window maps: the finest level alone for a scan, the mean of the levels with a lesion.
+    window = win.cut_window(prepared, [n // 2 for n in prepared.shape], new.preset)
+    image = torch.from_numpy(window.array[None, None].astype(np.float32))
+    clinical = torch.from_numpy(new._encode_record(case.record)[0])
+    with torch.inference_mode():
+        levels = list(new._forward(image, clinical).attention)
+    _, finest = new._run_batch(image, clinical, "attention", "finest")
+    _, mean = new._run_batch(image, clinical, "attention", "all")
+    np.testing.assert_allclose(finest[0], levels[0][0, 0].numpy(), atol=1e-6)
+    from MMCAFNetLib.heatmap import combine_attention_levels
+
+    np.testing.assert_allclose(mean[0], combine_attention_levels(levels)[0].numpy(), atol=1e-6)
+    assert not np.allclose(finest[0], mean[0])
+    lesion = np.stack(case.lesion_box_ras)
+    seen_levels = []
+    original = new._run_batch
+
+    def spy(image, clinical, heatmap, levels="all"):
+        seen_levels.append(levels)
+        return original(image, clinical, heatmap, levels)
+
+    new._run_batch = spy
+    new.classify(case.volume, case.record, lesion=lesion, heatmap="attention")
+    new.classify(case.volume, case.record, lesion=None, heatmap="attention")
+    assert seen_levels[0] == "all" and seen_levels[-1] == "finest"
+
+    for bad in ({"scan_overlap": 0.9}, {"scan_overlap": "half"}, {"scan_overlap": True},
+                {"heatmap_options": {"scan_attention_levels": "coarse"}}):
+        with pytest.raises(CheckpointError, match=r"scan_overlap|attention levels"):
+            Predictor.load(_demo_checkpoint_with(tmp_path, **bad), device="cpu")
+
+
+def test_training_writes_the_scan_settings_and_refuses_bad_ones():
+    from MMCAFNetLib.train.config import TrainConfig
+
+    for bad, name in (({"scan_overlap": 0.8}, "scan_overlap"), ({"scan_heatmap_levels": "coarse"}, "scan_heatmap_levels"),
+                      ({"heatmap_levels": "middle"}, "heatmap_levels")):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**bad).validate()
+
+
 def test_box_supervised_attention_maps_are_combined_unweighted():
     """A box-supervised model's attention maps are lesion probabilities: windows are compared by
     their own values (a lesion-free window with a confident class must not outshine the lesion);

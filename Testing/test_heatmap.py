@@ -144,6 +144,16 @@ def test_attention_levels_are_averaged_on_the_finest_grid() -> None:
         hm.combine_attention_levels([])
 
 
+def test_the_finest_attention_level_alone_is_the_finest_map() -> None:
+    fine = torch.rand(2, 1, 4, 8, 8)
+    coarse = torch.rand(2, 1, 2, 4, 4)
+    out = hm.combine_attention_levels([fine, coarse], "finest")
+    assert torch.equal(out, fine[:, 0])
+    assert not torch.allclose(hm.combine_attention_levels([fine, coarse], "all"), out)
+    with pytest.raises(ValueError, match="finest"):
+        hm.combine_attention_levels([fine, coarse], "coarsest")
+
+
 def test_gradcam_highlights_the_channel_that_raises_the_score() -> None:
     features = torch.zeros(1, 2, 2, 4, 4)
     features[0, 0, 1, 1, 1] = 3.0  # channel 0 active at one place

@@ -68,7 +68,7 @@ def test_scan_keeps_the_lesion_windows_and_the_classification(demo_predictor, la
     ct = with_abdomen_and_air(case.volume)
     preset = demo_predictor.preset
     prepared = win.prepare_volume(ct, preset)
-    every = win.sliding_window_centers(prepared, preset)
+    every = win.sliding_window_centers(prepared, preset, overlap=demo_predictor.scan_overlap)  # as the scan tiles
     selection = lm.select_scan_windows(prepared, preset, every)
     assert selection.method == "lung mask" and selection.lung_ml > 500  # two real lungs, not gas
     assert selection.dropped and selection.kept  # the abdomen and the air are dropped, the chest kept

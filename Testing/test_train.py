@@ -116,6 +116,8 @@ def test_checkpoint_contents_and_validation_threshold(cohort, tmp_path):
 
     # the checkpoint records its patients (hashed): evaluating the training split is refused ...
     assert best["seen_patients"]["train"]["series"] and best["heatmap"] == "attention"
+    assert best["scan_overlap"] == 0.25 and best["heatmap_options"] == {"attention_levels": "all",
+                                                                      "scan_attention_levels": "all"}
     out = tmp_path / "report"
     with pytest.raises(SystemExit, match="seen by the model"):
         cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--cohort", str(cohort),

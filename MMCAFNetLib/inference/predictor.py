@@ -4,7 +4,8 @@ The model is loaded once (``Predictor.load``) and reused across calls. ``classif
 MRML and keeps no state between calls except the model, so Slicer can run it on a worker thread.
 
 Windows: with a lesion (RAS point, RAS box, or a mask volume's bounding box) the windows that
-cover the lesion's whole extent; without one, sliding windows over the CT, of which only those
+cover the lesion's whole extent; without one, sliding windows over the CT (overlapping by the
+checkpoint's ``scan_overlap``), of which only those
 reaching a body/lung mask made from HU thresholds are evaluated (``lung_mask``), in batches sized
 by the window (``memory_guard.default_batch_size``). The case's probabilities are the per-class maximum over windows (the paper's
 patient score is the max over its windows); for more than two classes the maxima are renormalised
@@ -48,6 +49,12 @@ GRADIENT_LAYERS = ("last", "fine")
 #: attention maps of a model trained with box supervision (their values are lesion probabilities,
 #: comparable between windows), by probability otherwise.
 WINDOW_WEIGHTINGS = ("auto", "probability", "none")
+
+#: Window overlap of a whole-volume scan for checkpoints that name none (written before the entry
+#: existed); a checkpoint's ``scan_overlap`` replaces it.
+LEGACY_SCAN_OVERLAP = 0.25
+#: The largest scan overlap accepted: 0.75 already evaluates about 27x the windows of 0.25.
+MAX_SCAN_OVERLAP = 0.75
 
 #: HU above which a voxel counts as body (lung parenchyma is about -850, air -1000).
 BODY_HU = -900.0
@@ -110,14 +117,29 @@ class Predictor:
         options = dict(payload.get("heatmap_options") or {})
         self.gradient_layer = str(options.get("gradient_layer", "last"))
         self.window_weighting = str(options.get("window_weighting", "auto"))
+        #: Which pyramid levels make the attention heatmap (``heatmap.ATTENTION_LEVELS``) of a
+        #: lesion-guided run and of a whole-volume scan.
+        self.attention_levels = str(options.get("attention_levels", "all"))
+        self.scan_attention_levels = str(options.get("scan_attention_levels", "all"))
+        #: Overlap of neighbouring windows in a whole-volume scan (a fraction of the window).
+        self.scan_overlap = payload.get("scan_overlap", LEGACY_SCAN_OVERLAP)
         #: Trained with box supervision of its attention maps: they are lesion maps, not just weights.
         trained = payload.get("train_config") if isinstance(payload.get("train_config"), dict) else {}
         self.attention_is_lesion_map = float(trained.get("attention_supervision") or 0.0) > 0.0
-        if self.gradient_layer not in GRADIENT_LAYERS or self.window_weighting not in WINDOW_WEIGHTINGS:
+        if (self.gradient_layer not in GRADIENT_LAYERS or self.window_weighting not in WINDOW_WEIGHTINGS
+                or {self.attention_levels, self.scan_attention_levels} - set(hm.ATTENTION_LEVELS)):
             raise ckpt.CheckpointError(
                 f"{source or 'checkpoint'}: unknown heatmap options {options}; this MMCAFNetLib knows gradient layers "
-                f"{GRADIENT_LAYERS} and window weightings {WINDOW_WEIGHTINGS}. Update MMCAFNetLib."
+                f"{GRADIENT_LAYERS}, window weightings {WINDOW_WEIGHTINGS} and attention levels "
+                f"{hm.ATTENTION_LEVELS}. Update MMCAFNetLib."
             )
+        if (isinstance(self.scan_overlap, bool) or not isinstance(self.scan_overlap, (int, float))
+                or not 0.0 <= float(self.scan_overlap) <= MAX_SCAN_OVERLAP):
+            raise ckpt.CheckpointError(
+                f"{source or 'checkpoint'}: its scan_overlap {self.scan_overlap!r} is not a number in "
+                f"[0, {MAX_SCAN_OVERLAP}]; the file is damaged or was not written by MMCAFNetLib."
+            )
+        self.scan_overlap = float(self.scan_overlap)
         self._lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------------------------
@@ -184,6 +206,9 @@ class Predictor:
             "demo": self.is_demo,
             "device": str(self.device),
             "default_heatmap": self.default_heatmap,
+            "attention_levels": self.attention_levels,
+            "scan_attention_levels": self.scan_attention_levels,
+            "scan_overlap": self.scan_overlap,
         }
 
     # -- classification -------------------------------------------------------------------------
@@ -236,6 +261,7 @@ class Predictor:
             centers, scan_info = self._scan_windows(prepared, warnings)
         timings["prepare_s"] = time.perf_counter() - t
         total = len(centers)
+        levels = self.attention_levels if box_ras is not None else self.scan_attention_levels
         bs = int(batch_size) if batch_size else memory_guard.default_batch_size(self.device, self.preset.window)
         if bs < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
@@ -250,7 +276,7 @@ class Predictor:
             cut = [win.cut_window(prepared, c, self.preset) for c in centers[b0 : b0 + bs]]
             image = torch.from_numpy(np.stack([w.array for w in cut]).astype(np.float32, copy=False))[:, None]
             clin = torch.from_numpy(np.repeat(clinical, len(cut), axis=0))
-            probs, maps = memory_guard.run_batch_with_fallback(self, image, clin, heatmap, warnings)
+            probs, maps = memory_guard.run_batch_with_fallback(self, image, clin, heatmap, warnings, levels)
             probs_all.append(probs)
             if maps is not None:
                 maps_all.extend(maps)
@@ -330,7 +356,7 @@ class Predictor:
         """Sliding windows of a whole-volume scan; with ``scan_lungs_only`` only those reaching the
         lungs (``lung_mask``), else those holding body tissue."""
         win = _windows_module()
-        every = win.sliding_window_centers(prepared, self.preset)
+        every = win.sliding_window_centers(prepared, self.preset, overlap=self.scan_overlap)
         if self.scan_lungs_only:
             from MMCAFNetLib.lung_mask import select_scan_windows
 
@@ -342,7 +368,8 @@ class Predictor:
             method = "body"
         if not centers:
             raise InputError("no window of the CT contains body tissue (all air); check the image")
-        return centers, {"windows_tiled": len(every), "windows_evaluated": len(centers), "selection": method}
+        return centers, {"windows_tiled": len(every), "windows_evaluated": len(centers), "selection": method,
+                         "overlap": self.scan_overlap}
 
     def _encode_record(self, record: Optional[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
         warnings: list[str] = []
@@ -367,11 +394,12 @@ class Predictor:
             return torch.stack([1.0 - p, p], dim=1).cpu().numpy()
         return torch.softmax(logits, dim=1).cpu().numpy()
 
-    def _run_batch(self, image: torch.Tensor, clinical: torch.Tensor, heatmap: Optional[str]):
+    def _run_batch(self, image: torch.Tensor, clinical: torch.Tensor, heatmap: Optional[str], levels: str = "all"):
         """-> (probabilities [B, C], per-window low-res maps or None).
 
-        Attention maps are ``[d, h, w]``; Grad-CAM maps are ``[C, d, h, w]`` (one per class, the
-        predicted class being known only after every window has been seen).
+        Attention maps are ``[d, h, w]`` (of the pyramid ``levels``, ``heatmap.ATTENTION_LEVELS``);
+        Grad-CAM maps are ``[C, d, h, w]`` (one per class, the predicted class being known only after
+        every window has been seen).
         """
         image = image.to(self.device, non_blocking=True)
         clinical = clinical.to(self.device, non_blocking=True)
@@ -381,7 +409,7 @@ class Predictor:
                 probs = self._probabilities(out.logits)
                 if heatmap is None:
                     return probs, None
-                maps = hm.combine_attention_levels(list(out.attention)).cpu().numpy()
+                maps = hm.combine_attention_levels(list(out.attention), levels).cpu().numpy()
             return probs, list(maps)
         captured: dict[str, torch.Tensor] = {}
         handle = None

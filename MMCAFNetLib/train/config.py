@@ -115,6 +115,16 @@ class TrainConfig:
     # the heatmap method the checkpoint recommends (the Predictor's default for it): "attention"
     # or "gradcam"; chosen by the localisation measured with `mmcafnet evaluate --localisation`
     heatmap: str = "attention"
+    # which pyramid levels' attention maps make that heatmap: "all" (their mean) or "finest" (the
+    # finest level alone, the sharpest), for lesion-guided runs and for whole-volume scans apart
+    # (measured: docs/training.md). Training is the same either way (the peak terms of
+    # attention_peak are on the mean); it is the Predictor's choice for this checkpoint
+    heatmap_levels: str = "all"
+    scan_heatmap_levels: str = "all"
+    # overlap of neighbouring windows when the Predictor scans a whole CT without a lesion mark:
+    # at 0.5 every lesion lies within a quarter window of some window's centre, where the model
+    # was trained to find it (shift_fraction); about 3.4x the windows of 0.25
+    scan_overlap: float = 0.25
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +166,9 @@ class TrainConfig:
             (self.attention_box_target in ("share", "touch"), "attention_box_target must be 'share' or 'touch'"),
             (0.0 <= self.shift_fraction < 0.5, "shift_fraction must lie in [0, 0.5)"),
             (self.heatmap in ("attention", "gradcam", "gradcam++"), "heatmap must be 'attention', 'gradcam' or 'gradcam++'"),
+            (self.heatmap_levels in ("all", "finest"), "heatmap_levels must be 'all' or 'finest'"),
+            (self.scan_heatmap_levels in ("all", "finest"), "scan_heatmap_levels must be 'all' or 'finest'"),
+            (0.0 <= self.scan_overlap <= 0.75, "scan_overlap must lie in [0, 0.75] (0.5 = half a window)"),
             (self.stochastic_depth in ("sample", "batch"), "stochastic_depth must be 'sample' or 'batch'"),
             (0.0 <= self.scale_range < 1.0, "scale_range must lie in [0, 1) (e.g. 0.1 for a +-10 % zoom)"),
             (self.selection_metric in ("auroc", "loss"), "selection_metric must be 'auroc' or 'loss'"),

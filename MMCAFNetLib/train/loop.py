@@ -390,6 +390,9 @@ class Trainer:
             "demo": bool(config.demo),
             "seen_patients": self.seen_patients,
             "heatmap": config.heatmap,
+            "heatmap_options": {"attention_levels": config.heatmap_levels,
+                                "scan_attention_levels": config.scan_heatmap_levels},
+            "scan_overlap": float(config.scan_overlap),
             "train_config": plain(config.to_dict()),
         }
 

@@ -110,8 +110,8 @@ def attention_box_loss(attention: list[torch.Tensor], box_mask: torch.Tensor, ta
 
 def attention_peak_loss(attention: list[torch.Tensor], box_mask: torch.Tensor,
                         background: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
-    """The heatmap a reader sees is judged by its peak, so train the peak: on the map combined
-    as the Predictor combines it (``heatmap.combine_attention_levels``), binary cross-entropy of
+    """The heatmap a reader sees is judged by its peak, so train the peak: on the mean of the
+    levels' maps (``heatmap.combine_attention_levels``), binary cross-entropy of
     the highest cell touching the lesion box against 1, of the highest cell outside it against 0
     and, for lesion-free windows (``background``, maps of the same levels), of their highest cell
     against 0.
