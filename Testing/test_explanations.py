@@ -203,6 +203,26 @@ def test_each_training_window_brings_its_lesion_free_windows():
     assert batch["negative"].shape == (4, 3, 1, 4, 16, 16) and batch["image"].shape == (4, 1, 4, 16, 16)
 
 
+def test_peak_terms_on_the_shown_maps_see_a_hot_cell_of_the_finest_level():
+    """A whole-volume scan that shows the finest level alone is decided by that level's hottest
+    lesion-free cell; averaged with a quiet coarse level it counts for half. attention_peak_maps
+    "shown" trains the map a scan shows."""
+    from MMCAFNetLib.train.losses import attention_peak_loss
+
+    mask = torch.zeros(1, 1, 8, 32, 32)
+    mask[0, :, 2:6, 8:16, 8:16] = 1.0
+    share = torch.nn.functional.adaptive_avg_pool3d(mask, (4, 8, 8))
+    lesion = [torch.where(share > 0, torch.tensor(0.9), torch.tensor(0.05)), torch.full((1, 1, 2, 4, 4), 0.5)]
+    fine = torch.full((1, 1, 4, 8, 8), 0.05)
+    fine[0, 0, 2, 3, 3] = 0.99
+    background = [fine, torch.full((1, 1, 2, 4, 4), 0.05)]
+    on_mean = float(attention_peak_loss(lesion, mask, background))
+    on_scan = float(attention_peak_loss(lesion, mask, background, scan_levels="finest"))
+    assert on_scan > 1.5 * on_mean
+    same = float(attention_peak_loss(lesion, mask, background, levels="all", scan_levels="all"))
+    assert same == pytest.approx(on_mean)
+
+
 def test_hard_negative_mining_ranks_the_windows_the_model_lights_up():
     """The mined ranking is the peak of each lesion-free window's combined attention map, and the
     dataset then draws only from each patient's hottest windows."""
@@ -233,6 +253,10 @@ def test_hard_negative_mining_ranks_the_windows_the_model_lights_up():
         out = model(torch.from_numpy(pool)[:, None], torch.zeros(5, 3))
     expected = combine_attention_levels(list(out.attention)).flatten(1).amax(dim=1).numpy()
     np.testing.assert_allclose(scores[0], expected, rtol=1e-5, atol=1e-6)
+    finest = score_lesion_free_windows(model, patients, torch.device("cpu"), lambda m, x, c: m(x, c), batch_size=2,
+                                       levels="finest")  # the map a whole-volume scan shows
+    np.testing.assert_allclose(finest[0], out.attention[0].flatten(1).amax(dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(finest[0], scores[0])
     ds = LesionWindowDataset(patients, preset, train=True, seed=1, windows_per_patient=8, jitter_slices=0,
                              augment=False)
     ds.set_hard_negatives([np.array([0.1, 0.9, 0.3, 0.9, 0.2]), np.zeros(0)], keep=2)
@@ -494,7 +518,7 @@ def test_training_writes_the_scan_settings_and_refuses_bad_ones():
     from MMCAFNetLib.train.config import TrainConfig
 
     for bad, name in (({"scan_overlap": 0.8}, "scan_overlap"), ({"scan_heatmap_levels": "coarse"}, "scan_heatmap_levels"),
-                      ({"heatmap_levels": "middle"}, "heatmap_levels")):
+                      ({"heatmap_levels": "middle"}, "heatmap_levels"), ({"attention_peak_maps": "some"}, "attention_peak_maps")):
         with pytest.raises(ValueError, match=name):
             TrainConfig(**bad).validate()
 

@@ -121,6 +121,10 @@ class TrainConfig:
     # attention_peak are on the mean); it is the Predictor's choice for this checkpoint
     heatmap_levels: str = "all"
     scan_heatmap_levels: str = "all"
+    # which maps the peak terms (attention_peak) and the mining rank: "all" (the mean of the levels,
+    # whatever the Predictor shows) or "shown" (the maps the Predictor shows: heatmap_levels with a
+    # lesion, scan_heatmap_levels for the lesion-free windows and in the lesion windows too)
+    attention_peak_maps: str = "all"
     # overlap of neighbouring windows when the Predictor scans a whole CT without a lesion mark:
     # at 0.5 every lesion lies within a quarter window of some window's centre, where the model
     # was trained to find it (shift_fraction); about 3.4x the windows of 0.25
@@ -168,6 +172,7 @@ class TrainConfig:
             (self.heatmap in ("attention", "gradcam", "gradcam++"), "heatmap must be 'attention', 'gradcam' or 'gradcam++'"),
             (self.heatmap_levels in ("all", "finest"), "heatmap_levels must be 'all' or 'finest'"),
             (self.scan_heatmap_levels in ("all", "finest"), "scan_heatmap_levels must be 'all' or 'finest'"),
+            (self.attention_peak_maps in ("all", "shown"), "attention_peak_maps must be 'all' or 'shown'"),
             (0.0 <= self.scan_overlap <= 0.75, "scan_overlap must lie in [0, 0.75] (0.5 = half a window)"),
             (self.stochastic_depth in ("sample", "batch"), "stochastic_depth must be 'sample' or 'batch'"),
             (0.0 <= self.scale_range < 1.0, "scale_range must lie in [0, 1) (e.g. 0.1 for a +-10 % zoom)"),

@@ -109,7 +109,8 @@ def attention_box_loss(attention: list[torch.Tensor], box_mask: torch.Tensor, ta
 
 
 def attention_peak_loss(attention: list[torch.Tensor], box_mask: torch.Tensor,
-                        background: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+                        background: Optional[list[torch.Tensor]] = None, levels: str = "all",
+                        scan_levels: Optional[str] = None) -> torch.Tensor:
     """The heatmap a reader sees is judged by its peak, so train the peak: on the mean of the
     levels' maps (``heatmap.combine_attention_levels``), binary cross-entropy of
     the highest cell touching the lesion box against 1, of the highest cell outside it against 0
@@ -119,19 +120,28 @@ def attention_peak_loss(attention: list[torch.Tensor], box_mask: torch.Tensor,
     The cell-mean losses above let a few hot cells outside the lesion cost next to nothing, yet a
     whole-volume scan's peak is exactly such a cell in some other window. Windows without a box
     add no lesion terms. Returns the mean of the terms present.
+
+    ``levels`` names the pyramid levels of the map (``heatmap.ATTENTION_LEVELS``). With
+    ``scan_levels`` (the levels a whole-volume scan shows) different from them, the lesion terms
+    are also taken on that map, and the lesion-free windows' term only on it: a scan is the only
+    place where lesion-free windows are shown.
     """
     from MMCAFNetLib.heatmap import combine_attention_levels
 
-    combined = combine_attention_levels(attention).clamp(1e-6, 1 - 1e-6)  # [B, d, h, w]
-    share = F.adaptive_avg_pool3d(box_mask.float(), tuple(combined.shape[-3:]))[:, 0]
-    touches = share > 0
-    has_box = touches.flatten(1).any(dim=1)
-    flat, inside = combined.flatten(1), touches.flatten(1)
-    peak_in = torch.where(inside, flat, torch.zeros_like(flat)).amax(dim=1)
-    peak_out = torch.where(inside, torch.zeros_like(flat), flat).amax(dim=1)
-    terms = [-peak_in[has_box].log() - (1.0 - peak_out[has_box]).log()]  # no log(0) of box-less windows
+    maps = [levels] if scan_levels in (None, levels) else [levels, scan_levels]
+    terms = []
+    for use in maps:
+        combined = combine_attention_levels(attention, use).clamp(1e-6, 1 - 1e-6)  # [B, d, h, w]
+        share = F.adaptive_avg_pool3d(box_mask.float(), tuple(combined.shape[-3:]))[:, 0]
+        touches = share > 0
+        has_box = touches.flatten(1).any(dim=1)
+        flat, inside = combined.flatten(1), touches.flatten(1)
+        peak_in = torch.where(inside, flat, torch.zeros_like(flat)).amax(dim=1)
+        peak_out = torch.where(inside, torch.zeros_like(flat), flat).amax(dim=1)
+        terms.append(-peak_in[has_box].log() - (1.0 - peak_out[has_box]).log())  # no log(0) of box-less windows
     if background:
-        peak_bg = combine_attention_levels(background).clamp(1e-6, 1 - 1e-6).flatten(1).amax(dim=1)
+        shown = levels if scan_levels is None else scan_levels
+        peak_bg = combine_attention_levels(background, shown).clamp(1e-6, 1 - 1e-6).flatten(1).amax(dim=1)
         terms.append(-(1.0 - peak_bg).log())
     values = torch.cat(terms)
     return values.mean() if values.numel() else combined.sum() * 0.0

@@ -3,7 +3,8 @@
 A whole-volume scan's heatmap peak is decided by whichever lesion-free window the current model
 lights up most, and a random handful of lesion-free windows per patient rarely holds that one.
 So every few epochs the trainer scores each training patient's lesion-free windows with the
-current weights (the peak of the combined attention map, as the Predictor combines it) and the
+current weights (the peak of the attention map, by default the mean of the levels, or the map a
+scan shows with ``attention_peak_maps="shown"``) and the
 next epochs draw from the hottest of them (``LesionWindowDataset.set_hard_negatives``).
 """
 
@@ -25,10 +26,10 @@ def is_mining_epoch(epoch: int, hard_negatives: int, every: int) -> bool:
 
 def score_lesion_free_windows(model: torch.nn.Module, patients: Sequence[Any], device: torch.device,
                               forward: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Any],
-                              batch_size: int = 32) -> list[np.ndarray]:
-    """Per patient, the peak of each lesion-free window's combined attention map ``[K]`` (an empty
-    array for a patient without lesion-free windows). Evaluation mode, no gradients; the model's
-    training mode is restored afterwards."""
+                              batch_size: int = 32, levels: str = "all") -> list[np.ndarray]:
+    """Per patient, the peak of each lesion-free window's attention map of the pyramid ``levels``
+    ``[K]`` (an empty array for a patient without lesion-free windows). Evaluation mode, no
+    gradients; the model's training mode is restored afterwards."""
     was_training = model.training
     model.eval()
     scores: list[np.ndarray] = []
@@ -44,7 +45,7 @@ def score_lesion_free_windows(model: torch.nn.Module, patients: Sequence[Any], d
                     chunk = np.ascontiguousarray(pw.negatives[start:start + batch_size], dtype=np.float32)
                     image = torch.from_numpy(chunk)[:, None].to(device)
                     out = forward(model, image, clinical.expand(len(chunk), -1))
-                    combined = combine_attention_levels(list(out.attention))
+                    combined = combine_attention_levels(list(out.attention), levels)
                     peaks.append(combined.flatten(1).amax(dim=1).float().cpu().numpy())
                 scores.append(np.concatenate(peaks))
     finally:
