@@ -642,3 +642,12 @@ def test_shuffled_label_cohort_keeps_class_counts_and_the_test_rows():
     assert sorted(shuffled.loc[pool, "label"]) == sorted(source.loc[pool, "label"])
     assert (shuffled.loc[pool, "label"] != source.loc[pool, "label"]).any()
     assert (shuffled["patient_id"] == source["patient_id"]).all() and (shuffled["series_path"] == source["series_path"]).all()
+
+
+def test_evaluate_refuses_a_scan_overlap_out_of_range(tmp_path):
+    from MMCAFNetLib.cli import main as cli_main
+
+    with pytest.raises(SystemExit, match="scan-overlap"):
+        cli_main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--cohort", str(tmp_path / "none.csv"),
+                  "--out", str(tmp_path / "out"), "--scan-overlap", "0.8"])
+    assert not (tmp_path / "out").exists()

@@ -115,6 +115,8 @@ def test_clinical_values_from_json_and_csv_rows(ckpt, ct_file, case, tmp_path) -
         (["--point", "9999", "0", "0"], "outside the CT"),
         (["--t-stage", "banana"], "T stage"),
         (["--threshold", "2"], "threshold"),
+        (["--scan-overlap", "0.9"], "scan overlap"),
+        (["--scan-overlap", "nan"], "scan overlap"),
         (["--clinical", "{tmp}/missing.json"], "not found"),
         (["--clinical", "{tmp}/two.csv"], "--row"),
         (["--input-override", "{tmp}/no-such-ct.nrrd"], "no-such-ct"),
@@ -219,6 +221,20 @@ def test_info_shows_what_the_checkpoint_holds(ckpt, capsys) -> None:
     assert data["class_names"] == ["A", "G"] and data["demo"] is False
     assert data["clinical_fields"] == ["sex", "age", "weight", "t_stage", "n_stage", "m_stage", "smoking"]
     assert data["parameters"] > 1000 and data["preset"]["window"] == [8, 32, 32]
+    assert data["scan"] == {"overlap": 0.25, "attention_levels": "all", "lesion_attention_levels": "all"}
+
+
+def test_scan_overrides_reach_the_whole_volume_scan(ckpt, ct_file, tmp_path) -> None:
+    """--scan-overlap and --scan-levels replace the checkpoint's scan settings; prediction.json says
+    which overlap was used."""
+    runs = {}
+    for overlap in ("0.25", "0.5"):
+        out = tmp_path / f"o{overlap}"
+        assert main(["predict", "--checkpoint", str(ckpt), "--input", str(ct_file), "--out", str(out), "--no-preview",
+                     "--no-dicom", "--scan-overlap", overlap, "--scan-levels", "finest"]) == 0
+        runs[overlap] = json.loads((out / "prediction.json").read_text())["model"]["scan"]
+    assert runs["0.25"]["overlap"] == 0.25 and runs["0.5"]["overlap"] == 0.5
+    assert runs["0.5"]["windows_tiled"] > runs["0.25"]["windows_tiled"]
 
 
 def test_demo_writes_the_files_and_names_the_true_class(tmp_path, capsys) -> None:

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(model = the checkpoint's own, attention, gradcam, gradcam++) or 'all'")
     parser.add_argument("--localisation-runs", default="lesion,whole",
                         help="lesion (lesion box given), whole (whole-volume scan) or both (default)")
+    from MMCAFNetLib.commands.predict import add_scan_arguments
+
+    add_scan_arguments(parser)
 
 
 def _methods(text: str | None) -> list[str] | None:
@@ -50,7 +53,10 @@ def _methods(text: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from MMCAFNetLib.evaluate.pipeline import SeenPatientsError, evaluate_checkpoint
+    from MMCAFNetLib.inference.predictor import MAX_SCAN_OVERLAP
 
+    if args.scan_overlap is not None and not 0.0 <= args.scan_overlap <= MAX_SCAN_OVERLAP:
+        raise SystemExit(f"mmcafnet evaluate: --scan-overlap must lie in 0..{MAX_SCAN_OVERLAP}, got {args.scan_overlap}")
     kinds = [k.strip() for k in args.localisation_runs.split(",") if k.strip()]
     if not kinds or any(k not in ("lesion", "whole") for k in kinds):
         raise SystemExit(f"mmcafnet evaluate: --localisation-runs takes lesion, whole or both, not {args.localisation_runs!r}")
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             num_resamples=args.bootstrap, seed=args.seed, small_lesion_mm=args.small_lesion_mm,
             batch_size=args.batch_size, progress=not args.no_progress, cache_dir=args.cache,
             allow_seen=args.allow_seen, localisation=_methods(args.localisation), localisation_kinds=kinds,
+            scan_options={"overlap": args.scan_overlap, "levels": args.scan_levels},
         )
     except SeenPatientsError as exc:
         raise SystemExit(f"mmcafnet evaluate: {exc}") from None

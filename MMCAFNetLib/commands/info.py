@@ -45,6 +45,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "metrics": payload.get("metrics") or {},
         "demo": bool(payload.get("demo", False)),
         "default_heatmap": _default_heatmap(payload),
+        "scan": _scan_settings(payload),
         "patients_recorded": isinstance(payload.get("seen_patients"), dict),
     }
 
@@ -77,6 +78,16 @@ def _default_heatmap(payload: dict[str, Any]) -> str:
 
     name = payload.get("heatmap")
     return str(name) if name in HEATMAP_METHODS else f"{LEGACY_HEATMAP} (the checkpoint names none)"
+
+
+def _scan_settings(payload: dict[str, Any]) -> dict[str, Any]:
+    """The whole-volume scan settings the Predictor takes from this checkpoint (older ones: the defaults)."""
+    from MMCAFNetLib.inference.predictor import LEGACY_SCAN_OVERLAP
+
+    options = payload.get("heatmap_options") if isinstance(payload.get("heatmap_options"), dict) else {}
+    return {"overlap": payload.get("scan_overlap", LEGACY_SCAN_OVERLAP),
+            "attention_levels": options.get("scan_attention_levels", "all"),
+            "lesion_attention_levels": options.get("attention_levels", "all")}
 
 
 def _fmt(value: Any) -> str:
@@ -119,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
         "                 (on the validation split, at the decision threshold above; the test split's are in "
         "the report of mmcafnet evaluate)",
         f"demo model:      {'yes: trained on synthetic data, not for clinical use' if info['demo'] else 'no'}",
-        f"heatmap:         {info['default_heatmap']} (the default; --heatmap overrides it)",
+        f"heatmap:         {info['default_heatmap']} (the default; --heatmap overrides it); attention of "
+        f"{info['scan']['lesion_attention_levels']} pyramid levels with a lesion, {info['scan']['attention_levels']} "
+        "in a whole-volume scan",
+        f"whole-volume scan: windows overlapping by {_fmt(info['scan']['overlap'])} (--scan-overlap and "
+        "--scan-levels override it)",
         "seen patients:   " + ("recorded (hashed): evaluate refuses them" if info["patients_recorded"]
                                else "not recorded (older checkpoint): evaluate cannot check for them"),
     ]

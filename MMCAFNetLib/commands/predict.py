@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="heatmap method; model (default): the one the checkpoint recommends, chosen by "
                              "measured localisation (mmcafnet info shows it)")
     parser.add_argument("--threshold", type=float, default=0.5, help="heatmap level drawn into the labelmap (0..1)")
+    add_scan_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     parser.add_argument("--no-preview", action="store_true", help="skip preview.png")
@@ -74,6 +75,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-dicom", action="store_true",
         help="for a DICOM series input, skip segmentation.dcm (DICOM SEG) and heatmap.dcm (Parametric Map)",
     )
+
+
+def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+    """Overrides of the checkpoint's whole-volume scan settings (``mmcafnet info`` shows them)."""
+    parser.add_argument("--scan-overlap", type=float, default=None, metavar="F",
+                        help="whole-volume scans: overlap of neighbouring windows, 0..0.75 (default: the "
+                             "checkpoint's; 0.25 evaluates about a third of the windows of 0.5)")
+    parser.add_argument("--scan-levels", choices=("all", "finest"), default=None,
+                        help="whole-volume scans: the attention map of all pyramid levels or of the finest "
+                             "(default: the checkpoint's)")
+
+
+def apply_scan_arguments(args: argparse.Namespace, predictor) -> None:
+    from MMCAFNetLib.cli import UsageError
+    from MMCAFNetLib.inference.predictor import InputError
+
+    try:
+        predictor.set_scan_options(args.scan_overlap, args.scan_levels)
+    except InputError as exc:
+        raise UsageError(f"--scan-overlap: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--lps applies to --point or --box; give one of them")
     checkpoint = _checkpoint_path(args.checkpoint)
     predictor = Predictor.load(checkpoint, device=args.device)
+    apply_scan_arguments(args, predictor)
     if args.batch:
         return _run_batch(args, predictor)
     record = _record_from_args(args)

@@ -210,6 +210,12 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
         f"over patients; small lesions: largest box side <= {mm:g} mm. The {BASELINE} row is no heatmap: it "
         "points at the centre of the evaluated windows, which a lesion-guided run centres on the lesion, so a "
         "map must beat it to show that it finds the lesion rather than the middle of its window.", "",
+    ]
+    scan = summary.get("scan")
+    if scan:
+        lines += [f"Whole-volume scans: neighbouring windows overlap by {scan['overlap']:g} of a window; the "
+                  f"attention map is of {'the finest pyramid level' if scan['attention_levels'] == 'finest' else 'all pyramid levels'}.", ""]
+    lines += [
         "| Heatmap | Run | Margin | Pointing game | Mass in box | Small lesions: pointing | Larger: pointing | "
         "Median peak distance to box |",
         "|---|---|---|---|---|---|---|---|",

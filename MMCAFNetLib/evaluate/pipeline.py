@@ -47,13 +47,15 @@ def evaluate_checkpoint(checkpoint: str | Path, cohort, split: str, out_dir: str
                         cache_dir: Optional[str] = None, allow_seen: bool = False,
                         localisation: Optional[Sequence[str]] = None,
                         localisation_kinds: Sequence[str] = ("lesion", "whole"),
+                        scan_options: Optional[dict[str, Any]] = None,
                         warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Evaluate and write the report (report.md, metrics.json, predictions.csv, roc.png, calibration.png).
 
     Patients the checkpoint was trained or validated on are refused (:class:`SeenPatientsError`)
     unless ``allow_seen``; a checkpoint without that record is evaluated with a warning.
     ``localisation`` names heatmap methods (``"model"`` for the checkpoint's own) whose pointing
-    game and mass in the lesion box are measured (``evaluate.localisation``).
+    game and mass in the lesion box are measured (``evaluate.localisation``); ``scan_options``
+    (``overlap``, ``levels``) replace the checkpoint's whole-volume scan settings there.
     """
     from MMCAFNetLib.checkpoint import load_checkpoint
     from MMCAFNetLib.evaluate.aggregation import aggregate_by_patient
@@ -115,11 +117,13 @@ def evaluate_checkpoint(checkpoint: str | Path, cohort, split: str, out_dir: str
         from MMCAFNetLib.inference import Predictor
 
         predictor = Predictor.load(checkpoint, device=device)
+        predictor.set_scan_options(**(scan_options or {}))
         methods = list(dict.fromkeys(predictor.resolve_heatmap(m) for m in localisation if m not in (None, "none")))
         found = evaluate_localisation(predictor, rows, methods, localisation_kinds, small_lesion_mm=small_lesion_mm,
                                       num_resamples=num_resamples, seed=seed, progress=progress)
         summary = found["summary"]
         summary["default_method"] = predictor.default_heatmap
+        summary["scan"] = {"overlap": predictor.scan_overlap, "attention_levels": predictor.scan_attention_levels}
         metrics["localisation"] = summary
         metrics["localisation_patients"] = found["patients"]
         if binary and "whole" in localisation_kinds:

@@ -182,6 +182,20 @@ class Predictor:
             )
         return heatmap
 
+    def set_scan_options(self, overlap: Optional[float] = None, levels: Optional[str] = None) -> None:
+        """Replace the checkpoint's whole-volume scan settings (``None`` keeps one): the windows'
+        overlap (0.25 evaluates about a third of the windows of 0.5) and the attention map's
+        pyramid levels."""
+        if overlap is not None:
+            if isinstance(overlap, bool) or not 0.0 <= float(overlap) <= MAX_SCAN_OVERLAP:
+                raise InputError(f"the scan overlap must lie in 0..{MAX_SCAN_OVERLAP} (a fraction of the window: "
+                                 f"0.5 = half, 0.25 about three times faster), got {overlap}")
+            self.scan_overlap = float(overlap)
+        if levels is not None:
+            if levels not in hm.ATTENTION_LEVELS:
+                raise InputError(f"the scan's attention levels must be one of {hm.ATTENTION_LEVELS}, got {levels!r}")
+            self.scan_attention_levels = str(levels)
+
     # -- description ----------------------------------------------------------------------------
     @property
     def info(self) -> dict[str, Any]:
