@@ -99,3 +99,39 @@ def test_two_gloo_processes_match_one_process(tmp_path_factory, tmp_path):
     assert two["metrics"]["auroc"] == pytest.approx(one["metrics"]["auroc"], abs=1e-6)
     # only rank 0 wrote: one log with one row per epoch
     assert len(json.loads((tmp_path / "two" / "log.json").read_text())) == 2
+
+
+@pytest.mark.slow
+def test_mining_under_two_gloo_processes_matches_one_process(tmp_path_factory, tmp_path):
+    """Hard-negative mining under DDP: the ranks share the scoring and gather it; the ranking in
+    force and the weights equal a single process's."""
+    cohort = tiny_cohort(tmp_path_factory)
+    config = {
+        "recipe": "default", "model": "mmcafnet-lite", "model_overrides": TINY_MODEL, "preset": TINY_PRESET,
+        "epochs": 2, "batch_size": 4, "batchnorm": "frozen", "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
+        "device": "cpu", "seed": 5, "num_threads": 1,
+        "attention_supervision": 1.0, "attention_negatives": 6, "attention_hard_negatives": 2,
+        "attention_mining_every": 1, "attention_peak": 1.0,
+    }
+    config_file = tmp_path / "mined.json"
+    config_file.write_text(json.dumps(config))
+    common = ["train", "--cohort", str(cohort), "--config", str(config_file), "--no-progress"]
+    assert cli_main([*common, "--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "MMCAFNetLib.cli", *common, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    scores_one, scores_two = one["training_state"]["negative_scores"], two["training_state"]["negative_scores"]
+    assert scores_one is not None and len(scores_one) == len(scores_two) == 8  # every training patient scored
+    assert all(len(s) for s in scores_one)
+    for a, b in zip(scores_one, scores_two):
+        assert torch.allclose(a, b, atol=1e-4), (a, b)
+    for key, a in one["state_dict"].items():
+        b = two["state_dict"][key]
+        assert torch.allclose(a.float(), b.float(), atol=2e-5, rtol=1e-4), (key, (a.float() - b.float()).abs().max())

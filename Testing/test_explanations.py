@@ -268,6 +268,39 @@ def test_hard_negative_mining_ranks_the_windows_the_model_lights_up():
         ds.set_hard_negatives([np.zeros(5)], keep=2)
 
 
+def test_mining_shards_score_only_their_patients_and_merge_in_order():
+    """Under DDP each rank scores every world_size-th patient; the merged shares are the scores a
+    single process computes, in patient order, and a patient no rank scored is an error."""
+    from train_support import TINY_MODEL
+
+    from MMCAFNetLib.models import create_model
+    from MMCAFNetLib.train.data import PatientWindows
+    from MMCAFNetLib.train.mining import merge_shards, score_lesion_free_windows, score_shard
+
+    torch.manual_seed(0)
+    model = create_model("mmcafnet-lite", num_classes=1, num_clinical=3, **TINY_MODEL).eval()
+    rng = np.random.default_rng(1)
+    crop = Volume(np.full((16, 40, 40), -1000.0, np.float32), np.eye(4))
+    patients = [PatientWindows(crop, [(8, 20, 20)], np.full(3, i, np.float32), i % 2, f"p{i}", 8.0,
+                               np.zeros((16, 40, 40), np.float32),
+                               rng.normal(0.0, 1.0, size=(3, 8, 32, 32)).astype(np.float32)) for i in range(5)]
+    seen: list[int] = []
+
+    def forward(m, x, c):
+        seen.append(int(c[0, 0]))  # the patient's clinical values carry its index
+        return m(x, c)
+
+    full = score_lesion_free_windows(model, patients, torch.device("cpu"), forward, batch_size=2)
+    seen.clear()
+    shares = [score_shard(model, patients, range(r, 5, 2), torch.device("cpu"), forward, batch_size=2) for r in (0, 1)]
+    assert sorted(shares[0]) == [0, 2, 4] and sorted(shares[1]) == [1, 3] and sorted(set(seen)) == [0, 1, 2, 3, 4]
+    merged = merge_shards(shares[::-1], 5)  # gathered in any order
+    for a, b in zip(merged, full):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match=r"\[1, 3\]"):
+        merge_shards(shares[:1], 5)
+
+
 def test_mined_training_resumes_exactly(tmp_path_factory, tmp_path):
     """The mined ranking in force is part of the training state: a run stopped between two mining
     rounds and resumed ends with the weights of an uninterrupted one."""

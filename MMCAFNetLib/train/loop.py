@@ -457,8 +457,8 @@ class Trainer:
 
     # -- one epoch
     def _mine_negatives(self, epoch: int) -> None:
-        """Hard-negative mining before ``epoch`` (train.mining); every rank scores every patient
-        with the same weights, so all ranks draw alike."""
+        """Hard-negative mining before ``epoch`` (train.mining); the ranks share the scoring and
+        all get the same ranking, so all ranks draw alike."""
         config = self.config
         if not is_mining_epoch(epoch, config.attention_hard_negatives, config.attention_mining_every):
             return
@@ -470,7 +470,7 @@ class Trainer:
         levels = config.scan_heatmap_levels if config.attention_peak_maps == "shown" else "all"
         self.negative_scores = score_lesion_free_windows(self.raw_model, self.train_set.patients, self.device,
                                                          forward, batch_size=max(self._per_rank_batch(), 16),
-                                                         levels=levels)
+                                                         levels=levels, ctx=self.ctx)
         self.train_set.set_hard_negatives(self.negative_scores, config.attention_hard_negatives)
 
     def _train_epoch(self, epoch: int) -> float:

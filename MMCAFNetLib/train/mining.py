@@ -10,12 +10,13 @@ next epochs draw from the hottest of them (``LesionWindowDataset.set_hard_negati
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from MMCAFNetLib.heatmap import combine_attention_levels
+from MMCAFNetLib.train.distributed import DistributedContext, gather_objects
 
 
 def is_mining_epoch(epoch: int, hard_negatives: int, every: int) -> bool:
@@ -26,18 +27,37 @@ def is_mining_epoch(epoch: int, hard_negatives: int, every: int) -> bool:
 
 def score_lesion_free_windows(model: torch.nn.Module, patients: Sequence[Any], device: torch.device,
                               forward: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Any],
-                              batch_size: int = 32, levels: str = "all") -> list[np.ndarray]:
+                              batch_size: int = 32, levels: str = "all",
+                              ctx: Optional[DistributedContext] = None) -> list[np.ndarray]:
     """Per patient, the peak of each lesion-free window's attention map of the pyramid ``levels``
     ``[K]`` (an empty array for a patient without lesion-free windows). Evaluation mode, no
-    gradients; the model's training mode is restored afterwards."""
+    gradients; the model's training mode is restored afterwards.
+
+    Under DDP (``ctx``) each rank scores every ``world_size``-th patient and the shares are
+    gathered, so the pass costs 1 / world_size per rank and every rank gets the same ranking (one
+    rank's BatchNorm statistics can differ from another's, and ranks must draw from one ranking
+    for a resumed run to repeat the original).
+    """
+    distributed = ctx is not None and ctx.enabled
+    indices = range(ctx.rank, len(patients), ctx.world_size) if distributed else range(len(patients))
+    own = score_shard(model, patients, indices, device, forward, batch_size, levels)
+    parts = gather_objects(own, ctx) if distributed else [own]
+    return merge_shards(parts, len(patients))
+
+
+def score_shard(model: torch.nn.Module, patients: Sequence[Any], indices: Iterable[int], device: torch.device,
+                forward: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Any],
+                batch_size: int = 32, levels: str = "all") -> dict[int, np.ndarray]:
+    """The scores of the patients at ``indices``: ``{patient index: [K] peaks}``."""
     was_training = model.training
     model.eval()
-    scores: list[np.ndarray] = []
+    scores: dict[int, np.ndarray] = {}
     try:
         with torch.no_grad():
-            for pw in patients:
+            for i in indices:
+                pw = patients[i]
                 if pw.negatives is None or not len(pw.negatives):
-                    scores.append(np.zeros(0, dtype=np.float32))
+                    scores[i] = np.zeros(0, dtype=np.float32)
                     continue
                 peaks = []
                 clinical = torch.from_numpy(np.asarray(pw.clinical, dtype=np.float32))[None].to(device)
@@ -47,7 +67,18 @@ def score_lesion_free_windows(model: torch.nn.Module, patients: Sequence[Any], d
                     out = forward(model, image, clinical.expand(len(chunk), -1))
                     combined = combine_attention_levels(list(out.attention), levels)
                     peaks.append(combined.flatten(1).amax(dim=1).float().cpu().numpy())
-                scores.append(np.concatenate(peaks))
+                scores[i] = np.concatenate(peaks)
     finally:
         model.train(was_training)
     return scores
+
+
+def merge_shards(parts: Sequence[dict[int, np.ndarray]], num_patients: int) -> list[np.ndarray]:
+    """The ranks' shares in patient order; a patient no rank scored is a bug, not a silent gap."""
+    merged: dict[int, np.ndarray] = {}
+    for part in parts:
+        merged.update(part)
+    missing = [i for i in range(num_patients) if i not in merged]
+    if missing:
+        raise RuntimeError(f"hard-negative mining: no rank scored patients {missing[:10]}")
+    return [np.asarray(merged[i], dtype=np.float32) for i in range(num_patients)]
