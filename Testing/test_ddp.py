@@ -39,6 +39,23 @@ TINY_MODEL = {
 }
 
 
+def _train_with_one_and_two_processes(cohort, config: dict, tmp_path) -> tuple[dict, dict]:
+    """Train ``config`` in this process and under torchrun with 2 gloo processes; both last.pt."""
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    common = ["train", "--cohort", str(cohort), "--config", str(config_file), "--no-progress"]
+    assert cli_main([*common, "--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "MMCAFNetLib.cli", *common, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path_factory, tmp_path):
     cohort = tiny_cohort(tmp_path_factory)
@@ -60,23 +77,7 @@ def test_two_gloo_processes_match_one_process(tmp_path_factory, tmp_path):
         "seed": 5,
         "num_threads": 1,
     }
-    config_file = tmp_path / "tiny.json"
-    config_file.write_text(json.dumps(config))
-    common = ["train", "--cohort", str(cohort), "--config", str(config_file), "--no-progress"]
-
-    assert cli_main([*common, "--out", str(tmp_path / "one")]) == 0
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "MMCAFNetLib.cli", *common, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    one = load_checkpoint(tmp_path / "one" / "last.pt")
-    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    one, two = _train_with_one_and_two_processes(cohort, config, tmp_path)
     assert two["provenance"]["world_size"] == 2 and one["provenance"]["world_size"] == 1
     assert one["training_state"]["global_step"] == two["training_state"]["global_step"] == 4
     for key, a in one["state_dict"].items():
@@ -113,20 +114,7 @@ def test_mining_under_two_gloo_processes_matches_one_process(tmp_path_factory, t
         "attention_supervision": 1.0, "attention_negatives": 6, "attention_hard_negatives": 2,
         "attention_mining_every": 1, "attention_peak": 1.0,
     }
-    config_file = tmp_path / "mined.json"
-    config_file.write_text(json.dumps(config))
-    common = ["train", "--cohort", str(cohort), "--config", str(config_file), "--no-progress"]
-    assert cli_main([*common, "--out", str(tmp_path / "one")]) == 0
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "MMCAFNetLib.cli", *common, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = load_checkpoint(tmp_path / "one" / "last.pt")
-    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    one, two = _train_with_one_and_two_processes(cohort, config, tmp_path)
     scores_one, scores_two = one["training_state"]["negative_scores"], two["training_state"]["negative_scores"]
     assert scores_one is not None and len(scores_one) == len(scores_two) == 8  # every training patient scored
     assert all(len(s) for s in scores_one)
