@@ -54,6 +54,29 @@ def test_mass_in_box_and_pointing_on_a_known_map():
     assert not empty["hit"] and np.isnan(empty["mass_in_box"])
 
 
+def test_top_k_pointing_finds_a_lesion_that_is_not_the_brightest_place():
+    """Two bright places 30 mm apart, the lesion on the dimmer one: the peak misses, the top 3
+    find it; places closer than the separation count once; an empty map has no candidates."""
+    from MMCAFNetLib.evaluate.localisation import candidate_peaks
+
+    affine = _grid(shape=(10, 40, 40), spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    arr = np.zeros((10, 40, 40), dtype=np.float32)
+    arr[5, 5:8, 5:8] = 1.0  # the brightest place, a vessel
+    arr[5, 5, 12] = 0.9  # 6 mm from it: the same place, not a second candidate
+    arr[5, 5:8, 35:38] = 0.6  # the lesion, 30 mm away
+    heat = Volume(arr, affine)
+    lo, hi = heat.ijk_to_ras_points([[35, 5, 5]])[0], heat.ijk_to_ras_points([[37, 7, 5]])[0]
+    rec = localisation_record(heat, lo, hi, margin_mm=5.0)
+    assert not rec["hit"] and rec["top_k_hit"]
+    assert not localisation_record(heat, lo, hi, margin_mm=5.0, top_k=1)["top_k_hit"]
+    from MMCAFNetLib.heatmap import peak_ras
+
+    found = candidate_peaks(heat, peak_ras(heat), count=3, separation_mm=20.0)
+    assert len(found) == 2  # the two places; nothing else above 0
+    assert np.linalg.norm(found[1] - heat.ijk_to_ras_points([[36, 6, 5]])[0]) < 2.0
+    assert candidate_peaks(Volume(np.zeros_like(arr), affine), None) == []
+
+
 def test_summary_splits_small_lesions_and_bootstraps():
     def patient(size, hit, mass):
         rec = {"hit": hit, "mass_in_box": mass, "distance_mm": 0.0 if hit else 20.0, "margin_mm": 5.0}
