@@ -215,7 +215,7 @@ def estimate_whole_volume_scan(predictor: Any, volume: Any, batch_size: Optional
     _, prepared_shape = win.prepared_grid(volume, preset)
     prepared_voxels = int(np.prod(prepared_shape))
     window = tuple(int(w) for w in preset.window)
-    keep = 1.0 - float(getattr(predictor, "scan_overlap", 0.25))  # the share of a window each step moves
+    keep = 1.0 - float(predictor.scan_overlap)  # the share of a window each step moves
     steps = [max(1, int(np.ceil(p / max(1.0, w * keep)))) for p, w in zip(prepared_shape, window)]
     num_windows = int(np.prod(steps))
     on_cpu = getattr(predictor.device, "type", "cpu") == "cpu"

@@ -53,9 +53,9 @@ def _methods(text: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from MMCAFNetLib.evaluate.pipeline import SeenPatientsError, evaluate_checkpoint
-    from MMCAFNetLib.inference.predictor import MAX_SCAN_OVERLAP
+    from MMCAFNetLib.windows import MAX_SCAN_OVERLAP, is_scan_overlap
 
-    if args.scan_overlap is not None and not 0.0 <= args.scan_overlap <= MAX_SCAN_OVERLAP:
+    if args.scan_overlap is not None and not is_scan_overlap(args.scan_overlap):
         raise SystemExit(f"mmcafnet evaluate: --scan-overlap must lie in 0..{MAX_SCAN_OVERLAP}, got {args.scan_overlap}")
     kinds = [k.strip() for k in args.localisation_runs.split(",") if k.strip()]
     if not kinds or any(k not in ("lesion", "whole") for k in kinds):

@@ -19,7 +19,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
     import torch
 
     from MMCAFNetLib.checkpoint import load_checkpoint
-    from MMCAFNetLib.inference.predictor import class_label, file_sha256
+    from MMCAFNetLib.inference.predictor import checkpoint_scan_settings, class_label, file_sha256
 
     payload = load_checkpoint(path)
     state = payload["state_dict"]
@@ -45,7 +45,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "metrics": payload.get("metrics") or {},
         "demo": bool(payload.get("demo", False)),
         "default_heatmap": _default_heatmap(payload),
-        "scan": _scan_settings(payload),
+        "scan": checkpoint_scan_settings(payload),
         "patients_recorded": isinstance(payload.get("seen_patients"), dict),
     }
 
@@ -78,16 +78,6 @@ def _default_heatmap(payload: dict[str, Any]) -> str:
 
     name = payload.get("heatmap")
     return str(name) if name in HEATMAP_METHODS else f"{LEGACY_HEATMAP} (the checkpoint names none)"
-
-
-def _scan_settings(payload: dict[str, Any]) -> dict[str, Any]:
-    """The whole-volume scan settings the Predictor takes from this checkpoint (older ones: the defaults)."""
-    from MMCAFNetLib.inference.predictor import LEGACY_SCAN_OVERLAP
-
-    options = payload.get("heatmap_options") if isinstance(payload.get("heatmap_options"), dict) else {}
-    return {"overlap": payload.get("scan_overlap", LEGACY_SCAN_OVERLAP),
-            "attention_levels": options.get("scan_attention_levels", "all"),
-            "lesion_attention_levels": options.get("attention_levels", "all")}
 
 
 def _fmt(value: Any) -> str:

@@ -53,8 +53,6 @@ WINDOW_WEIGHTINGS = ("auto", "probability", "none")
 #: Window overlap of a whole-volume scan for checkpoints that name none (written before the entry
 #: existed); a checkpoint's ``scan_overlap`` replaces it.
 LEGACY_SCAN_OVERLAP = 0.25
-#: The largest scan overlap accepted: 0.75 already evaluates about 27x the windows of 0.25.
-MAX_SCAN_OVERLAP = 0.75
 
 #: HU above which a voxel counts as body (lung parenchyma is about -850, air -1000).
 BODY_HU = -900.0
@@ -118,11 +116,12 @@ class Predictor:
         self.gradient_layer = str(options.get("gradient_layer", "last"))
         self.window_weighting = str(options.get("window_weighting", "auto"))
         #: Which pyramid levels make the attention heatmap (``heatmap.ATTENTION_LEVELS``) of a
-        #: lesion-guided run and of a whole-volume scan.
-        self.attention_levels = str(options.get("attention_levels", "all"))
-        self.scan_attention_levels = str(options.get("scan_attention_levels", "all"))
-        #: Overlap of neighbouring windows in a whole-volume scan (a fraction of the window).
-        self.scan_overlap = payload.get("scan_overlap", LEGACY_SCAN_OVERLAP)
+        #: lesion-guided run and of a whole-volume scan, and the overlap of neighbouring windows in
+        #: a whole-volume scan (a fraction of the window).
+        scan = checkpoint_scan_settings(payload)
+        self.attention_levels = str(scan["lesion_attention_levels"])
+        self.scan_attention_levels = str(scan["attention_levels"])
+        self.scan_overlap = scan["overlap"]
         #: Trained with box supervision of its attention maps: they are lesion maps, not just weights.
         trained = payload.get("train_config") if isinstance(payload.get("train_config"), dict) else {}
         self.attention_is_lesion_map = float(trained.get("attention_supervision") or 0.0) > 0.0
@@ -133,11 +132,11 @@ class Predictor:
                 f"{GRADIENT_LAYERS}, window weightings {WINDOW_WEIGHTINGS} and attention levels "
                 f"{hm.ATTENTION_LEVELS}. Update MMCAFNetLib."
             )
-        if (isinstance(self.scan_overlap, bool) or not isinstance(self.scan_overlap, (int, float))
-                or not 0.0 <= float(self.scan_overlap) <= MAX_SCAN_OVERLAP):
+        win = _windows_module()
+        if not win.is_scan_overlap(self.scan_overlap):
             raise ckpt.CheckpointError(
                 f"{source or 'checkpoint'}: its scan_overlap {self.scan_overlap!r} is not a number in "
-                f"[0, {MAX_SCAN_OVERLAP}]; the file is damaged or was not written by MMCAFNetLib."
+                f"[0, {win.MAX_SCAN_OVERLAP}]; the file is damaged or was not written by MMCAFNetLib."
             )
         self.scan_overlap = float(self.scan_overlap)
         self._lock = threading.Lock()
@@ -187,8 +186,9 @@ class Predictor:
         overlap (0.25 evaluates about a third of the windows of 0.5) and the attention map's
         pyramid levels."""
         if overlap is not None:
-            if isinstance(overlap, bool) or not 0.0 <= float(overlap) <= MAX_SCAN_OVERLAP:
-                raise InputError(f"the scan overlap must lie in 0..{MAX_SCAN_OVERLAP} (a fraction of the window: "
+            win = _windows_module()
+            if not win.is_scan_overlap(overlap):
+                raise InputError(f"the scan overlap must lie in 0..{win.MAX_SCAN_OVERLAP} (a fraction of the window: "
                                  f"0.5 = half, 0.25 about three times faster), got {overlap}")
             self.scan_overlap = float(overlap)
         if levels is not None:
@@ -518,6 +518,16 @@ def aggregate_window_probabilities(window_probs: np.ndarray, binary: bool) -> np
         return np.array([1.0 - p, p])
     best = window_probs.max(axis=0)
     return best / best.sum()
+
+
+def checkpoint_scan_settings(payload: dict[str, Any]) -> dict[str, Any]:
+    """The whole-volume scan settings a checkpoint names, as stored (unchecked), with the defaults
+    of checkpoints written before the entries existed: ``overlap``, the scan's ``attention_levels``
+    and the ``lesion_attention_levels`` of lesion-guided runs."""
+    options = payload.get("heatmap_options") if isinstance(payload.get("heatmap_options"), dict) else {}
+    return {"overlap": payload.get("scan_overlap", LEGACY_SCAN_OVERLAP),
+            "attention_levels": options.get("scan_attention_levels", "all"),
+            "lesion_attention_levels": options.get("attention_levels", "all")}
 
 
 def _windows_module():

@@ -134,6 +134,14 @@ class TrainConfig:
         return asdict(self)
 
     @property
+    def peak_levels(self) -> tuple[str, str]:
+        """The pyramid levels of the maps the peak terms and the mining use: (lesion-guided map,
+        whole-volume map), by ``attention_peak_maps``."""
+        if self.attention_peak_maps == "shown":
+            return self.heatmap_levels, self.scan_heatmap_levels
+        return "all", "all"
+
+    @property
     def class_names(self) -> list[str]:
         return list(TASKS[self.task])
 
@@ -145,6 +153,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Refuse inconsistent settings with a message naming the setting and the allowed values."""
+        from MMCAFNetLib.windows import MAX_SCAN_OVERLAP, is_scan_overlap
+
         checks = [
             (self.task in TASKS, f"task must be one of {sorted(TASKS)}, got {self.task!r}"),
             (self.recipe in ("paper", "default"), f"recipe must be 'paper' or 'default', got {self.recipe!r}"),
@@ -173,7 +183,7 @@ class TrainConfig:
             (self.heatmap_levels in ("all", "finest"), "heatmap_levels must be 'all' or 'finest'"),
             (self.scan_heatmap_levels in ("all", "finest"), "scan_heatmap_levels must be 'all' or 'finest'"),
             (self.attention_peak_maps in ("all", "shown"), "attention_peak_maps must be 'all' or 'shown'"),
-            (0.0 <= self.scan_overlap <= 0.75, "scan_overlap must lie in [0, 0.75] (0.5 = half a window)"),
+            (is_scan_overlap(self.scan_overlap), f"scan_overlap must lie in [0, {MAX_SCAN_OVERLAP}] (0.5 = half a window)"),
             (self.stochastic_depth in ("sample", "batch"), "stochastic_depth must be 'sample' or 'batch'"),
             (0.0 <= self.scale_range < 1.0, "scale_range must lie in [0, 1) (e.g. 0.1 for a +-10 % zoom)"),
             (self.selection_metric in ("auroc", "loss"), "selection_metric must be 'auroc' or 'loss'"),

@@ -467,10 +467,9 @@ class Trainer:
             with autocast_context(self.device, config.amp):
                 return model(image, clinical)
 
-        levels = config.scan_heatmap_levels if config.attention_peak_maps == "shown" else "all"
         self.negative_scores = score_lesion_free_windows(self.raw_model, self.train_set.patients, self.device,
                                                          forward, batch_size=max(self._per_rank_batch(), 16),
-                                                         levels=levels, ctx=self.ctx)
+                                                         levels=config.peak_levels[1], ctx=self.ctx)
         self.train_set.set_hard_negatives(self.negative_scores, config.attention_hard_negatives)
 
     def _train_epoch(self, epoch: int) -> float:
@@ -518,10 +517,9 @@ class Trainer:
                     if free_maps is not None:
                         attention_loss = attention_loss + attention_background_loss(free_maps)
                     if config.attention_peak > 0:
-                        shown = config.attention_peak_maps == "shown"
+                        levels, scan_levels = config.peak_levels
                         attention_loss = attention_loss + config.attention_peak * attention_peak_loss(
-                            lesion_maps, mask, free_maps, levels=config.heatmap_levels if shown else "all",
-                            scan_levels=config.scan_heatmap_levels if shown else None)
+                            lesion_maps, mask, free_maps, levels=levels, scan_levels=scan_levels)
                     loss = loss + config.attention_supervision * attention_loss
                 self.scaler.scale(loss / config.grad_accum).backward()
             if boundary:
