@@ -48,8 +48,8 @@ cell carcinoma) from the chest CT and a short clinical record (sex, age, weight,
 MMCAF-Net: a 3D feature pyramid with attention over the CT, a KAN encoder over the record, and
 multi-scale cross-attention fusion.<br><br>
 Place a point (or an ROI, or a segmentation) on the lesion, check the form, press <b>Apply</b>. Results:
-a table of class probabilities, an attention heatmap over the CT, and the region that drove the
-prediction as a labelmap and a segmentation, all under the CT's study.<br><br>
+a table of class probabilities, an attention heatmap over the CT with its highest places as numbered
+points, and the region that drove the prediction as a labelmap and a segmentation, under the CT's study.<br><br>
 <b>Research use only.</b> The bundled demo model is trained on synthetic phantoms and says nothing about
 real patients.<br><br>
 Method: Yu et al., "Small Lesions-aware Bidirectional Multimodal Multiscale Fusion Network for Lung

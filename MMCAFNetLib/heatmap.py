@@ -366,14 +366,19 @@ def _geometry_meta(source: Volume, kind: str) -> dict:
     return {**keep, "kind": kind, "modality": None}
 
 
-def peak_ras(heatmap: Volume) -> Optional[np.ndarray]:
-    """RAS position of the heatmap's maximum, or None for an all-zero map.
+#: How many places a heatmap names for a reader to look at (``candidate_peaks``), and how far
+#: apart they must lie (mm): a small lesion is often lit without being the brightest place.
+CANDIDATE_COUNT = 3
+CANDIDATE_SEPARATION_MM = 20.0
+
+
+def _plateau_peak(arr: np.ndarray) -> Optional[tuple[tuple[int, int, int], float]]:
+    """(k, j, i) and value of the maximum, or None when nothing is above 0.
 
     A map upsampled from a coarse feature grid has plateaus: a Grad-CAM map from a feature map one
     voxel deep is constant along the slices of its window. The first maximal voxel would then sit
     on the window's edge; the maximal voxel nearest the plateau's centroid is where the evidence is.
     """
-    arr = heatmap.array
     if arr.size == 0:
         return None
     top = float(arr.max())
@@ -382,4 +387,46 @@ def peak_ras(heatmap: Volume) -> Optional[np.ndarray]:
     plateau = np.argwhere(arr >= top * (1.0 - 1e-6))  # (N, 3) k, j, i
     centre = plateau.mean(axis=0)
     k, j, i = plateau[int(np.argmin(((plateau - centre) ** 2).sum(axis=1)))]
+    return (int(k), int(j), int(i)), top
+
+
+def peak_ras(heatmap: Volume) -> Optional[np.ndarray]:
+    """RAS position of the heatmap's maximum (the plateau's centre), or None for an all-zero map."""
+    found = _plateau_peak(heatmap.array)
+    if found is None:
+        return None
+    k, j, i = found[0]
     return heatmap.ijk_to_ras_points([[i, j, k]])[0]
+
+
+def candidate_peaks(heatmap: Volume, count: int = CANDIDATE_COUNT,
+                    separation_mm: float = CANDIDATE_SEPARATION_MM) -> list[tuple[np.ndarray, float]]:
+    """The map's ``count`` highest places at least ``separation_mm`` apart: (RAS, value), highest
+    first, the first being ``peak_ras``. Each next one is the maximum left once a box of that
+    half-width around the ones before is set aside; fewer where nothing above 0 is left.
+
+    The boxes are zeroed in place and restored afterwards (a whole-volume map is as large as the
+    CT, so no copy of it is made); a read-only map is copied.
+    """
+    if int(count) < 1:
+        raise ValueError(f"the number of candidates must be at least 1, got {count}")
+    if not float(separation_mm) >= 0:
+        raise ValueError(f"the candidates' separation must be >= 0 mm, got {separation_mm}")
+    arr = heatmap.array if heatmap.array.flags.writeable else np.array(heatmap.array, copy=True)
+    half = np.ceil(float(separation_mm) / np.abs(np.asarray(heatmap.spacing, dtype=np.float64))[::-1]).astype(int)
+    found: list[tuple[np.ndarray, float]] = []
+    saved: list[tuple[tuple[slice, ...], np.ndarray]] = []
+    try:
+        while len(found) < int(count):
+            peak = _plateau_peak(arr)
+            if peak is None:
+                break
+            (k, j, i), value = peak
+            found.append((heatmap.ijk_to_ras_points([[i, j, k]])[0], value))
+            box = tuple(slice(max(c - h, 0), c + h + 1) for c, h in zip((k, j, i), half))
+            saved.append((box, arr[box].copy()))
+            arr[box] = 0.0
+    finally:
+        for box, values in reversed(saved):
+            arr[box] = values
+    return found

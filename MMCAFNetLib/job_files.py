@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from MMCAFNetLib.results import Classification, WindowResult
+from MMCAFNetLib.results import Candidate, Classification, WindowResult
 from MMCAFNetLib.strict_json import dumps as strict_dumps
 from MMCAFNetLib.volume import Volume
 
@@ -170,6 +170,7 @@ def write_result(folder: Path, result: Classification) -> None:
         "timings": dict(result.timings),
         "model": dict(result.model),
         "warnings": list(result.warnings),
+        "candidates": [{"ras": list(c.ras), "value": float(c.value)} for c in result.candidates],
         "maps": maps,
     }
     _write_json(folder / RESULT_FILE, data)
@@ -206,4 +207,6 @@ def read_result(folder: Path) -> Classification:
         timings=dict(data.get("timings") or {}),
         model=dict(data.get("model") or {}),
         warnings=list(data.get("warnings") or []),
+        candidates=[Candidate(tuple(float(v) for v in c["ras"]), float(c["value"]))  # type: ignore[arg-type]
+                    for c in data.get("candidates") or []],
     )

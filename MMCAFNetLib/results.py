@@ -28,11 +28,22 @@ class WindowResult:
 
 
 @dataclass
+class Candidate:
+    """A place the heatmap names for a reader to look at: its RAS position (mm, the CT's frame) and
+    the map's value there (0..1). Candidates come highest first, at least 20 mm apart
+    (``heatmap.candidate_peaks``); the first is the map's peak."""
+
+    ras: tuple[float, float, float]
+    value: float
+
+
+@dataclass
 class Classification:
     """What ``Predictor.classify`` returns.
 
     ``probabilities`` are per class in ``class_names`` order (for a binary model: [1-p, p]).
-    ``heatmap`` (float32 0..1) and ``labelmap`` (uint8) are on the input CT's grid, or None.
+    ``heatmap`` (float32 0..1) and ``labelmap`` (uint8) are on the input CT's grid, or None;
+    ``candidates`` are the heatmap's highest places (none without a heatmap).
     """
 
     class_names: list[str]
@@ -47,6 +58,7 @@ class Classification:
     timings: dict[str, float]
     model: dict[str, Any] = field(default_factory=dict)  # name, version, demo flag, checkpoint id
     warnings: list[str] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
 
     @property
     def predicted_class(self) -> str:

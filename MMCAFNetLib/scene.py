@@ -26,7 +26,7 @@ ROLE_ATTRIBUTE = "MMCAFNet.OutputRole"
 SOURCE_REFERENCE_ROLE = "MMCAFNetSourceVolume"
 #: Attribute marking the colour nodes this module creates (shared by all runs; never removed).
 COLOR_ATTRIBUTE = "MMCAFNet.ColorTable"
-OUTPUT_ROLES = ("table", "heatmap", "labelmap", "segmentation")
+OUTPUT_ROLES = ("table", "heatmap", "labelmap", "segmentation", "candidates")
 
 CLASS_COLOR_FILE = "ColorTables/MMCAFNetClasses.txt"
 INFERNO_COLOR_FILE = "ColorTables/MMCAFNetInferno.txt"
@@ -47,9 +47,11 @@ class SceneOutputs:
     heatmap: Any = None
     labelmap: Any = None
     segmentation: Any = None
+    candidates: Any = None  # markups points: the heatmap's highest places
 
     def nodes(self) -> list[Any]:
-        return [n for n in (self.table, self.heatmap, self.labelmap, self.segmentation) if n is not None]
+        return [n for n in (self.table, self.heatmap, self.labelmap, self.segmentation, self.candidates)
+                if n is not None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,6 +465,34 @@ def _write_segmentation(scene: Any, ct_node: Any, labelmap_node: Any, result: Cl
     return node
 
 
+def _write_candidates(scene: Any, ct_node: Any, result: Classification, base: str) -> Any:
+    """The heatmap's highest places as locked, numbered points, under the CT's transform.
+
+    The result's positions are in the frame of its maps' grid (world RAS from the worker, the file's
+    RAS from a result folder); through the grid's voxel indices they land on the same voxels of the
+    CT whatever the frame.
+    """
+    import vtk
+
+    from MMCAFNetLib.inference.slicer_files import CANDIDATE_RGB, candidate_description
+
+    ijk = result.heatmap.ras_to_ijk_points([c.ras for c in result.candidates]) if result.candidates else []
+    local = [(node_ijk_to_ras(ct_node) @ np.append(p, 1.0))[:3] for p in ijk]
+    node = _new_output(scene, "vtkMRMLMarkupsFiducialNode", f"{base} MMCAFNet candidates", "candidates", ct_node)
+    node.CreateDefaultDisplayNodes()
+    node.SetAndObserveTransformNodeID(ct_node.GetTransformNodeID())
+    for rank, (candidate, position) in enumerate(zip(result.candidates, local), 1):
+        index = node.AddControlPoint(vtk.vtkVector3d(*(float(v) for v in position)), str(rank))
+        node.SetNthControlPointDescription(index, candidate_description(rank, candidate.value))
+    node.SetLocked(True)
+    node.SetFixedNumberOfControlPoints(True)
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetColor(*CANDIDATE_RGB)
+        display.SetSelectedColor(*CANDIDATE_RGB)
+    return node
+
+
 def write_outputs(ct_node: Any, result: Classification, show: bool = True) -> SceneOutputs:
     """Write a classification into the scene, replacing this CT's earlier outputs.
 
@@ -488,6 +518,8 @@ def write_outputs(ct_node: Any, result: Classification, show: bool = True) -> Sc
             )
             created.append(outputs.heatmap)
             _style_heatmap(outputs.heatmap, result.threshold)
+            outputs.candidates = _write_candidates(scene, ct_node, result, base)
+            created.append(outputs.candidates)
         if result.labelmap is not None:
             labels = np.asarray(result.labelmap.array)
             dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16

@@ -57,7 +57,7 @@ def test_mass_in_box_and_pointing_on_a_known_map():
 def test_top_k_pointing_finds_a_lesion_that_is_not_the_brightest_place():
     """Two bright places 30 mm apart, the lesion on the dimmer one: the peak misses, the top 3
     find it; places closer than the separation count once; an empty map has no candidates."""
-    from MMCAFNetLib.evaluate.localisation import candidate_peaks
+    from MMCAFNetLib.heatmap import candidate_peaks
 
     affine = _grid(shape=(10, 40, 40), spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
     arr = np.zeros((10, 40, 40), dtype=np.float32)
@@ -71,10 +71,19 @@ def test_top_k_pointing_finds_a_lesion_that_is_not_the_brightest_place():
     assert not localisation_record(heat, lo, hi, margin_mm=5.0, top_k=1)["top_k_hit"]
     from MMCAFNetLib.heatmap import peak_ras
 
-    found = candidate_peaks(heat, peak_ras(heat), count=3, separation_mm=20.0)
+    before = arr.copy()
+    found = candidate_peaks(heat, count=3, separation_mm=20.0)
     assert len(found) == 2  # the two places; nothing else above 0
-    assert np.linalg.norm(found[1] - heat.ijk_to_ras_points([[36, 6, 5]])[0]) < 2.0
-    assert candidate_peaks(Volume(np.zeros_like(arr), affine), None) == []
+    assert np.allclose(found[0][0], peak_ras(heat)) and found[0][1] == 1.0
+    assert np.linalg.norm(found[1][0] - heat.ijk_to_ras_points([[36, 6, 5]])[0]) < 2.0
+    assert abs(found[1][1] - 0.6) < 1e-6
+    assert np.array_equal(arr, before)  # the places set aside while searching are restored
+    read_only = arr.copy()
+    read_only.flags.writeable = False
+    assert [v for _, v in candidate_peaks(Volume(read_only, affine))] == [v for _, v in found]
+    assert candidate_peaks(Volume(np.zeros_like(arr), affine)) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        candidate_peaks(heat, count=0)
 
 
 def test_summary_splits_small_lesions_and_bootstraps():

@@ -58,6 +58,14 @@ def test_predict_writes_four_files_on_the_input_geometry(ckpt, ct_file, case, tm
     assert set(info["probabilities"]) == {"A", "G"}
     assert sum(info["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert info["predicted_class"] in ("A", "G") and info["windows"]
+    # The heatmap's highest places, highest first and at least 20 mm apart; the first is the peak.
+    places = info["heatmap_candidates"]
+    assert places and [c["rank"] for c in places] == list(range(1, len(places) + 1))
+    assert places[0]["value"] == pytest.approx(1.0) and all(a["value"] >= b["value"] for a, b in zip(places, places[1:]))
+    at = np.rint(heat.ras_to_ijk_points([places[0]["ras"]])[0][::-1]).astype(int)
+    assert heat.array[tuple(at)] >= 0.99
+    for n, a in enumerate(places):
+        assert all(np.linalg.norm(np.subtract(a["ras"], b["ras"])) >= 20.0 - 0.01 for b in places[n + 1:])
     assert info["clinical_record"]["sex"] == "M" and info["clinical_record"]["smoking"] is not None
     assert info["model"]["model_name"] == "mmcafnet-lite" and "sha256" in info["model"]
     assert info["heatmap_threshold"] == 0.5 and info["decision_threshold"] == 0.5

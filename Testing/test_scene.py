@@ -10,7 +10,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries) is not installed")
 
 from MMCAFNetLib import scene as mscene  # noqa: E402
-from MMCAFNetLib.results import CLASS_LABELS, Classification  # noqa: E402
+from MMCAFNetLib.heatmap import candidate_peaks  # noqa: E402
+from MMCAFNetLib.results import CLASS_LABELS, Candidate, Classification  # noqa: E402
 from MMCAFNetLib.volume import Volume, make_ijk_to_ras  # noqa: E402
 
 pytestmark = pytest.mark.scene
@@ -48,6 +49,7 @@ def make_result(volume: Volume, letter: str = "B", threshold: float = 0.5, seed:
     centre = np.array(volume.shape) / 2 + rng.uniform(-2, 2, size=3)
     d2 = ((k - centre[0]) / 3) ** 2 + ((j - centre[1]) / 8) ** 2 + ((i - centre[2]) / 8) ** 2
     heat = np.exp(-d2).astype(np.float32)
+    heat += 0.6 * np.exp(-(((k - centre[0]) / 2) ** 2 + ((j - 4) / 3) ** 2 + ((i - 5) / 3) ** 2)).astype(np.float32)
     label_value = CLASS_LABELS[letter][0]
     labels = np.where(heat >= threshold, label_value, 0).astype(np.uint8)
     return Classification(
@@ -62,6 +64,7 @@ def make_result(volume: Volume, letter: str = "B", threshold: float = 0.5, seed:
         label_value=label_value,
         timings={"total": 0.1},
         model={"name": "test", "demo": True},
+        candidates=[Candidate(tuple(float(v) for v in ras), value) for ras, value in candidate_peaks(volume.with_array(heat))],
     )
 
 
@@ -232,7 +235,7 @@ def test_rerun_replaces_outputs_and_leaves_the_ct_unchanged(mrml_scene):
     count = node_count(mrml_scene)
     second = mscene.write_outputs(ct, make_result(volume, "G", seed=4))
     assert node_count(mrml_scene) == count
-    assert len(mscene.find_outputs(ct)) == 4
+    assert len(mscene.find_outputs(ct)) == 5
     assert all(mrml_scene.GetNodeByID(n.GetID()) is None or n not in first.nodes() for n in first.nodes())
     assert all(mrml_scene.IsNodePresent(n) for n in second.nodes() + other_out.nodes())
     assert second.segmentation.GetSegmentation().GetNthSegment(0).GetName() == "Squamous cell carcinoma"
@@ -257,6 +260,47 @@ def test_failure_while_writing_leaves_the_scene_as_it_was(mrml_scene):
     with pytest.raises(mscene.SceneError, match="input grid"):
         mscene.write_outputs(ct, wrong)
     assert node_count(mrml_scene) == len(ids)
+
+
+def _world(node, index: int) -> np.ndarray:
+    position = [0.0, 0.0, 0.0]
+    node.GetNthControlPointPositionWorld(index, position)
+    return np.array(position)
+
+
+@pytest.mark.parametrize("frame", ["world", "file"])
+def test_candidates_are_locked_numbered_points_on_the_heatmap_places(mrml_scene, frame):
+    """The heatmap's highest places become points 1..n under the CT's transform, on the same CT
+    voxels whether the result came from the worker (world RAS) or from a result folder (the file's
+    RAS, the CT's own frame)."""
+    ct = add_ct(mrml_scene, oblique=True, shape=(12, 72, 72))  # room for places 20 mm apart
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = (5.0, -7.0, 11.0)
+    transform.SetMatrixTransformToParent(mscene._numpy_to_matrix(shift))
+    ct.SetAndObserveTransformNodeID(transform.GetID())
+    volume = mscene.volume_from_node(ct, world=frame == "world")
+    result = make_result(volume, "A")
+    assert len(result.candidates) >= 2  # the blob and the dimmer place in the corner
+    out = mscene.write_outputs(ct, result)
+    node = out.candidates
+    assert node.GetAttribute(mscene.ROLE_ATTRIBUTE) == "candidates" and node in mscene.find_outputs(ct)
+    assert node.GetTransformNodeID() == transform.GetID()
+    assert node.GetNumberOfControlPoints() == len(result.candidates)
+    assert node.GetLocked() and node.GetFixedNumberOfControlPoints()
+    world_from_file = mscene._to_world(ct) if frame == "file" else np.eye(4)
+    for n, candidate in enumerate(result.candidates):
+        assert node.GetNthControlPointLabel(n) == str(n + 1)
+        assert f"{candidate.value:.2f}" in node.GetNthControlPointDescription(n)
+        expected = (world_from_file @ np.append(candidate.ras, 1.0))[:3]
+        assert np.allclose(_world(node, n), expected, atol=1e-6)
+    top = np.unravel_index(np.argmax(result.heatmap.array), result.heatmap.shape)
+    assert np.linalg.norm(_world(node, 0) - (world_from_file @ np.append(
+        result.heatmap.ijk_to_ras_points([top[::-1]])[0], 1.0))[:3]) < 5.0  # point 1 is the peak
+
+    no_places = make_result(volume, "A")
+    no_places.candidates = []
+    assert mscene.write_outputs(ct, no_places).candidates.GetNumberOfControlPoints() == 0
 
 
 def test_outputs_go_under_the_ct_study(mrml_scene):

@@ -293,7 +293,7 @@ def test_batch_over_volume_nodes(mrml_scene, tmp_path, logics):
     assert set(written) == {ct.GetID() for ct in cts}
     for ct in cts:
         assert isinstance(written[ct.GetID()], mscene.SceneOutputs)
-        assert len(mscene.find_outputs(ct)) == 4
+        assert len(mscene.find_outputs(ct)) == 5
     assert set(mscene.ct_volume_nodes(mrml_scene)) == set(cts)  # outputs are not offered as inputs
     assert loads(options) == ["cpu"]
 

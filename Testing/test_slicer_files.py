@@ -115,3 +115,55 @@ def test_an_empty_region_still_gives_a_named_segment(mrml_scene, tmp_path) -> No
     node = read_segmentation(mrml_scene, tmp_path / "out" / SEGMENTATION_NRRD)
     assert node.GetSegmentation().GetNumberOfSegments() == 1
     assert node.GetSegmentation().GetNthSegment(0).GetName() == "Adenocarcinoma"
+
+
+def test_candidates_file_loads_as_locked_numbered_points_at_the_heatmap_places(mrml_scene, tmp_path) -> None:
+    """candidates.mrk.json, read by Slicer's own markups JSON storage node, gives the points of
+    prediction.json's heatmap_candidates (RAS; the file is LPS), labelled by rank and locked."""
+    import json
+
+    from MMCAFNetLib.inference.slicer_files import CANDIDATES_FILE
+
+    ct = oblique_ct(shape=(12, 72, 72))
+    result = make_result(ct, letter="A")
+    assert len(result.candidates) >= 2
+    write_outputs(result, ct, tmp_path / "out", preview=False)
+    listed = json.loads((tmp_path / "out" / "prediction.json").read_text())["heatmap_candidates"]
+    assert [c["rank"] for c in listed] == list(range(1, len(result.candidates) + 1))
+
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    storage = slicer.vtkMRMLMarkupsJsonStorageNode()
+    mrml_scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "out" / CANDIDATES_FILE))
+    assert storage.ReadData(node) == 1, "Slicer could not read candidates.mrk.json"
+    assert node.GetNumberOfControlPoints() == len(listed)
+    assert node.GetLocked()
+    for n, (entry, candidate) in enumerate(zip(listed, result.candidates)):
+        position = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPosition(n, position)
+        np.testing.assert_allclose(position, candidate.ras, atol=1e-6)
+        np.testing.assert_allclose(entry["ras"], candidate.ras, atol=1e-3)
+        assert node.GetNthControlPointLabel(n) == str(n + 1)
+        assert f"{candidate.value:.2f}" in node.GetNthControlPointDescription(n)
+        assert node.GetNthControlPointLocked(n)
+
+
+def test_results_folder_gives_back_the_candidates_and_refuses_broken_ones(tmp_path) -> None:
+    import json
+
+    from MMCAFNetLib.inference.result_folder import ResultFolderError, read_result_folder
+
+    ct = oblique_ct(shape=(12, 72, 72))
+    result = make_result(ct, letter="G")
+    write_outputs(result, ct, tmp_path / "out", preview=False)
+    back = read_result_folder(tmp_path / "out").result
+    assert len(back.candidates) == len(result.candidates)
+    for got, want in zip(back.candidates, result.candidates):
+        np.testing.assert_allclose(got.ras, want.ras, atol=1e-3)
+        assert abs(got.value - want.value) < 1e-5
+    path = tmp_path / "out" / "prediction.json"
+    data = json.loads(path.read_text())
+    data["heatmap_candidates"][0]["ras"] = [1.0, 2.0]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultFolderError, match="3 finite RAS coordinates"):
+        read_result_folder(tmp_path / "out")

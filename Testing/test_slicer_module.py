@@ -225,7 +225,13 @@ def test_the_panels_path_from_parameter_node_to_outputs(slicer_module, mrml_scen
     job = wait_for(logic.start(p.inputVolume, record, p.lesion, options))
     assert job.error is None and not job.cancelled and job.result.model.get("demo")
     written = outputs_of(ct)
-    assert set(written) == {"table", "heatmap", "labelmap", "segmentation"}
+    assert set(written) == {"table", "heatmap", "labelmap", "segmentation", "candidates"}
+    places = written["candidates"]  # the worker's candidates, through the job files, as points
+    assert places.GetNumberOfControlPoints() == len(job.result.candidates) >= 1
+    for n, candidate in enumerate(job.result.candidates):
+        position = [0.0, 0.0, 0.0]
+        places.GetNthControlPointPositionWorld(n, position)
+        assert np.allclose(position, candidate.ras, atol=1e-4) and places.GetNthControlPointLabel(n) == str(n + 1)
     assert written["heatmap"].GetAttribute("MMCAFNet.Threshold") == "0.3"
     assert written["heatmap"].GetDisplayNode().GetLowerThreshold() == pytest.approx(0.3)
     summary = logic.panel.job_summary(job)
@@ -265,7 +271,7 @@ def test_the_self_test_classifies_the_demo_case(slicer_module, mrml_scene):
     assert shown[-1] == "MMCAF-Net self-test passed"
     assert mrml_scene.GetFirstNodeByName("left over") is None
     (ct,) = mscene.ct_volume_nodes(mrml_scene)
-    assert set(outputs_of(ct)) == {"table", "heatmap", "labelmap", "segmentation"}
+    assert set(outputs_of(ct)) == {"table", "heatmap", "labelmap", "segmentation", "candidates"}
 
 
 def test_the_self_test_skips_without_torch_and_never_installs(slicer_module, mrml_scene, monkeypatch):

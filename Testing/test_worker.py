@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from MMCAFNetLib import job_files  # noqa: E402
 from MMCAFNetLib.inference import Predictor  # noqa: E402
 from MMCAFNetLib.resources import demo_checkpoint_path  # noqa: E402
-from MMCAFNetLib.results import Classification, WindowResult  # noqa: E402
+from MMCAFNetLib.results import Candidate, Classification, WindowResult  # noqa: E402
 from MMCAFNetLib.synthetic import make_case  # noqa: E402
 from MMCAFNetLib.volume import Volume  # noqa: E402
 from MMCAFNetLib.worker import process_alive  # noqa: E402
@@ -74,9 +74,11 @@ def test_job_files_round_trip_a_classification(tmp_path):
         heatmap=heat, labelmap=heat.with_array((heat.array >= 0.4).astype(np.uint8) * 4), label_value=4,
         timings={"total_s": 0.5}, model={"model_name": "mmcafnet-lite", "demo": True, "decision_threshold": 0.6},
         warnings=["age was outside its plausible range"],
+        candidates=[Candidate((4.0, 3.0, 4.0), 1.0), Candidate((0.5, 1.0, 2.0), 0.25)],
     )
     job_files.write_result(tmp_path, result)
     back = job_files.read_result(tmp_path)
+    assert back.candidates == result.candidates
     assert back.class_names == result.class_names and back.class_labels == result.class_labels
     assert np.array_equal(back.probabilities, result.probabilities) and back.predicted_index == 1
     assert back.windows == result.windows and back.timings == result.timings and back.model == result.model

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from MMCAFNetLib.heatmap import CANDIDATE_COUNT, CANDIDATE_SEPARATION_MM, candidate_peaks, peak_ras
 from MMCAFNetLib.volume import Volume
 
 #: The reference row of the lesion-guided pointing game: "peak" at the centre of the evaluated windows.
@@ -32,9 +33,9 @@ BASELINE = "window-centre"
 #: Default margins (mm) added on every side of the lesion box for the pointing game.
 MARGINS_MM = {"lesion": 5.0, "whole": 10.0}
 RUN_KINDS = ("lesion", "whole")
-#: Candidate peaks per map for the top-k pointing game, and how far apart they must lie (mm).
-TOP_K = 3
-CANDIDATE_SEPARATION_MM = 20.0
+#: Candidate peaks per map for the top-k pointing game, and how far apart they must lie (mm): the
+#: places the Predictor names to the reader (``heatmap.candidate_peaks``).
+TOP_K = CANDIDATE_COUNT
 
 
 def point_in_box(point_ras: Optional[Sequence[float]], box_lo: Sequence[float], box_hi: Sequence[float],
@@ -62,45 +63,26 @@ def mass_in_box(heatmap: Volume, box_lo: Sequence[float], box_hi: Sequence[float
     return float(values[inside].sum() / values.sum())
 
 
-def candidate_peaks(heatmap: Volume, first: Optional[np.ndarray], count: int = TOP_K,
-                    separation_mm: float = CANDIDATE_SEPARATION_MM) -> list[np.ndarray]:
-    """The map's ``count`` highest places at least ``separation_mm`` apart (RAS), the first being
-    ``first`` (the peak): each next one is the maximum left once a box of that half-width around
-    the ones before is set aside. Fewer where the map has nothing left above 0."""
-    if first is None:
-        return []
-    arr = np.array(heatmap.array, dtype=np.float32, copy=True)
-    half = np.ceil(float(separation_mm) / np.abs(np.asarray(heatmap.spacing, dtype=np.float64))[::-1]).astype(int)
-    found = [np.asarray(first, dtype=np.float64)]
-    while len(found) < count:
-        kji = np.rint(heatmap.ras_to_ijk_points([found[-1]])[0][::-1]).astype(int)
-        arr[tuple(slice(max(c - h, 0), max(c + h + 1, 0)) for c, h in zip(kji, half))] = 0.0
-        flat = int(np.argmax(arr))
-        if arr.flat[flat] <= 0:
-            break
-        k, j, i = np.unravel_index(flat, arr.shape)
-        found.append(heatmap.ijk_to_ras_points([[i, j, k]])[0])
-    return found
-
-
 def localisation_record(heatmap: Optional[Volume], box_lo: Sequence[float], box_hi: Sequence[float],
-                        margin_mm: float, top_k: int = TOP_K) -> dict[str, Any]:
+                        margin_mm: float, top_k: int = TOP_K,
+                        candidates: Optional[Sequence[Sequence[float]]] = None) -> dict[str, Any]:
     """One run's measures: the peak (RAS), whether it is in the box (+ margin), its distance to the
     box (mm, 0 inside), the mass share in the box, and whether any of the ``top_k`` candidate
-    peaks (``candidate_peaks``) is in the box (+ margin)."""
-    from MMCAFNetLib.heatmap import peak_ras
-
+    peaks is in the box (+ margin). ``candidates`` (RAS, highest first) are the places the
+    Predictor named to the reader; without them they are found on the map
+    (``heatmap.candidate_peaks``)."""
     peak = peak_ras(heatmap) if heatmap is not None else None
     lo, hi = np.minimum(box_lo, box_hi), np.maximum(box_lo, box_hi)
     distance = float("nan")
     if peak is not None:
         outside = np.maximum(np.maximum(lo - peak, peak - hi), 0.0)
         distance = float(np.linalg.norm(outside))
-    candidates = candidate_peaks(heatmap, peak, top_k) if heatmap is not None else []
+    if candidates is None:
+        candidates = [ras for ras, _ in candidate_peaks(heatmap, top_k)] if heatmap is not None else []
     return {
         "peak_ras": None if peak is None else [float(v) for v in peak],
         "hit": point_in_box(peak, lo, hi, margin_mm),
-        "top_k_hit": any(point_in_box(c, lo, hi, margin_mm) for c in candidates),
+        "top_k_hit": any(point_in_box(c, lo, hi, margin_mm) for c in list(candidates)[:top_k]),
         "distance_mm": distance,
         "mass_in_box": mass_in_box(heatmap, lo, hi) if heatmap is not None else float("nan"),
         "margin_mm": float(margin_mm),
@@ -196,7 +178,8 @@ def evaluate_localisation(predictor, rows, methods: Sequence[str], kinds: Sequen
             for kind in kinds:
                 result = predictor.classify(volume, record, lesion=np.stack([lo, hi]) if kind == "lesion" else None,
                                             heatmap=method)
-                entry["runs"][method][kind] = localisation_record(result.heatmap, lo, hi, margins[kind])
+                entry["runs"][method][kind] = localisation_record(
+                    result.heatmap, lo, hi, margins[kind], candidates=[c.ras for c in result.candidates])
                 entry["probabilities"][kind] = [float(v) for v in result.probabilities]
                 if kind == "lesion" and BASELINE not in entry["runs"]:
                     entry["runs"][BASELINE] = {"lesion": _centre_record(result.windows, lo, hi, margins[kind])}

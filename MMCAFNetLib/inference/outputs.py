@@ -1,5 +1,6 @@
 """The files a classification leaves behind: prediction.json, heatmap.nrrd, labelmap.nrrd, its colour
-table, segmentation.seg.nrrd, preview.png, and for a DICOM input segmentation.dcm and heatmap.dcm.
+table, segmentation.seg.nrrd, the heatmap's candidate places (candidates.mrk.json), preview.png, and
+for a DICOM input segmentation.dcm and heatmap.dcm.
 
 Everything is written into a temporary folder next to the destination and swapped in only when
 every file is complete (``atomic.publish_folder``), so a failure (bad input, full disk, Ctrl-C, a
@@ -16,15 +17,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from MMCAFNetLib.inference import slicer_files
 from MMCAFNetLib.inference.heatmap_file import read_heatmap, write_heatmap, write_labelmap
-from MMCAFNetLib.inference.slicer_files import COLOR_TABLE_FILE, SEGMENTATION_NRRD
+from MMCAFNetLib.inference.slicer_files import CANDIDATES_FILE, COLOR_TABLE_FILE, SEGMENTATION_NRRD
 from MMCAFNetLib.plain import to_plain
 from MMCAFNetLib.results import Classification
 from MMCAFNetLib.volume import Volume
 
 #: What every classification with a heatmap writes (whatever the input).
 OUTPUT_FILES = (
-    "prediction.json", "heatmap.nrrd", "labelmap.nrrd", COLOR_TABLE_FILE, SEGMENTATION_NRRD, "preview.png"
+    "prediction.json", "heatmap.nrrd", "labelmap.nrrd", COLOR_TABLE_FILE, SEGMENTATION_NRRD, CANDIDATES_FILE,
+    "preview.png",
 )
 #: Written besides for a DICOM input (``dicom=True``): a DICOM SEG and a Parametric Map.
 DICOM_OUTPUT_FILES = ("segmentation.dcm", "heatmap.dcm")
@@ -65,6 +68,10 @@ def prediction_dict(
         "heatmap_threshold": float(result.threshold),
         "label_value": int(result.label_value),
         "lesion_box_ras": result.model.get("lesion_box_ras"),
+        "heatmap_candidates": [
+            {"rank": n, "ras": [round(float(v), 3) for v in c.ras], "value": round(float(c.value), 6)}
+            for n, c in enumerate(result.candidates, 1)
+        ],
         "clinical_record": _json_plain(record) if record is not None else None,
         "clinical_from_header": _json_plain(record_from_header or {}),  # values the DICOM header filled in
         "windows": [
@@ -130,6 +137,9 @@ def write_outputs(
         (tmp / "prediction.json").write_text(strict_dumps(info, indent=2) + "\n", encoding="utf-8")
         if result.labelmap is not None:
             _write_slicer_files(result, tmp)
+        if result.heatmap is not None:
+            markups = slicer_files.candidates_markups(result.candidates)
+            (tmp / CANDIDATES_FILE).write_text(strict_dumps(markups, indent=2) + "\n", encoding="utf-8")
         if preview and not _has_matplotlib():
             warnings.warn(
                 "preview.png was not written: it needs matplotlib (pip install matplotlib, or the "
@@ -184,8 +194,6 @@ def _publish(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
 
 def _write_slicer_files(result: Classification, folder: Path) -> None:
     """segmentation.seg.nrrd and the colour table naming the labelmap's values."""
-    from MMCAFNetLib.inference import slicer_files
-
     segment = slicer_files.segment_for(result)
     slicer_files.write_segmentation_nrrd(result.labelmap, folder / SEGMENTATION_NRRD, [segment])
     entries = slicer_files.class_color_entries([(result.label_value, result.predicted_label)])

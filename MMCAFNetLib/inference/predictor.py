@@ -29,7 +29,7 @@ from MMCAFNetLib import checkpoint as ckpt
 from MMCAFNetLib import heatmap as hm
 from MMCAFNetLib import memory_guard
 from MMCAFNetLib.preset import Preset, check_covers_window, get_preset
-from MMCAFNetLib.results import CLASS_LABELS, Cancelled, Classification, WindowResult
+from MMCAFNetLib.results import CLASS_LABELS, Cancelled, Candidate, Classification, WindowResult
 from MMCAFNetLib.volume import Volume, grid_corners_ras, resample_to_grid
 
 ProgressCallback = Callable[[int, int], None]
@@ -316,6 +316,7 @@ class Predictor:
         ]
 
         heat_vol = label_vol = None
+        candidates: list[Candidate] = []
         if heatmap is not None:
             t = time.perf_counter()
             canvas_shape, canvas_affine = prepared.shape, prepared.ijk_to_ras
@@ -334,6 +335,8 @@ class Predictor:
             heat_vol = hm.heatmap_volume(canvas, volume)
             heat_vol.meta.update(method=heatmap, predicted_class=self.class_names[predicted])
             label_vol = hm.labelmap_volume(heat_vol, label_value, float(threshold), hm.target_block(canvas, volume))
+            candidates = [Candidate(tuple(float(v) for v in ras), value)  # type: ignore[arg-type]
+                          for ras, value in hm.candidate_peaks(heat_vol)]
             timings["heatmap_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
 
@@ -357,6 +360,7 @@ class Predictor:
                 **({"scan": scan_info} if scan_info is not None else {}),
             },
             warnings=warnings,
+            candidates=candidates,
         )
 
     # -- internals ------------------------------------------------------------------------------

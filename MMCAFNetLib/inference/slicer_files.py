@@ -1,11 +1,14 @@
-"""Files 3D Slicer opens as they are: a segmentation (``.seg.nrrd``) and a colour table (``.ctbl``).
+"""Files 3D Slicer opens as they are: a segmentation (``.seg.nrrd``), a colour table (``.ctbl``) and
+the heatmap's candidate places as a markups point list (``.mrk.json``).
 
 ``segmentation.seg.nrrd`` is the labelmap with the keys Slicer's segmentation storage node reads
 (``Segment0_ID``, ``_Name``, ``_Color``, ``_LabelValue``, ``_Layer``, ``_Extent`` and the
 ``Segmentation_*`` keys), so dropping it onto Slicer gives a segmentation whose segment is named by
 the predicted class and coloured from the class colour table, on the labelmap's exact grid. The
 colour table beside it names every label value of ``labelmap.nrrd`` (Slicer's colour file format:
-``value name R G B A``, ``_`` for spaces).
+``value name R G B A``, ``_`` for spaces). ``candidates.mrk.json`` holds the heatmap's highest
+places (``results.Candidate``) as locked, numbered points in Slicer's markups JSON format (LPS, as
+Slicer writes it), each point's description giving the map's value there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from MMCAFNetLib.volume import Volume, to_sitk
 
 SEGMENTATION_NRRD = "segmentation.seg.nrrd"
 COLOR_TABLE_FILE = "MMCAFNetClasses.ctbl"
+CANDIDATES_FILE = "candidates.mrk.json"
+#: Slicer's markups JSON schema identifier (kept at "master" by Slicer for its older readers).
+MARKUPS_SCHEMA = (
+    "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
+    "markups-schema-v1.0.3.json#"
+)
+#: Colour of the candidate points (0..1 RGB): yellow, apart from the default pink of a placed point.
+CANDIDATE_RGB = (1.0, 0.85, 0.1)
 
 
 @dataclass(frozen=True)
@@ -125,3 +136,29 @@ def segment_for(result: Any) -> SegmentSpec:
         label_value=int(result.label_value),
         rgb=tuple(c / 255.0 for c in rgba[:3]),  # type: ignore[arg-type]
     )
+
+
+def candidate_description(rank: int, value: float) -> str:
+    """What a candidate point says of itself in Slicer (its label is the rank)."""
+    head = "heatmap peak" if rank == 1 else f"heatmap candidate {rank}"
+    return f"{head}: map value {float(value):.2f} (MMCAF-Net)"
+
+
+def candidates_markups(candidates: Sequence[Any]) -> dict[str, Any]:
+    """Slicer's markups JSON for ``results.Candidate`` points (RAS in, LPS written), rank as label."""
+    points = []
+    for rank, candidate in enumerate(candidates, 1):
+        r, a, s = (float(v) for v in candidate.ras)
+        points.append({
+            "id": str(rank), "label": str(rank), "description": candidate_description(rank, candidate.value),
+            "position": [-r, -a, s], "locked": True, "visibility": True, "selected": True,
+            "positionStatus": "defined",
+        })
+    return {
+        "@schema": MARKUPS_SCHEMA,
+        "markups": [{
+            "type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm", "locked": True,
+            "fixedNumberOfControlPoints": True, "controlPoints": points,
+            "display": {"color": list(CANDIDATE_RGB), "selectedColor": list(CANDIDATE_RGB), "pointLabelsVisibility": True},
+        }],
+    }
