@@ -399,20 +399,26 @@ def peak_ras(heatmap: Volume) -> Optional[np.ndarray]:
     return heatmap.ijk_to_ras_points([[i, j, k]])[0]
 
 
-def candidate_peaks(heatmap: Volume, count: int = CANDIDATE_COUNT,
-                    separation_mm: float = CANDIDATE_SEPARATION_MM) -> list[tuple[np.ndarray, float]]:
+def candidate_peaks(heatmap: Volume, count: int = CANDIDATE_COUNT, separation_mm: float = CANDIDATE_SEPARATION_MM,
+                    block: Optional[tuple[np.ndarray, np.ndarray]] = None) -> list[tuple[np.ndarray, float]]:
     """The map's ``count`` highest places at least ``separation_mm`` apart: (RAS, value), highest
     first, the first being ``peak_ras``. Each next one is the maximum left once a box of that
     half-width around the ones before is set aside; fewer where nothing above 0 is left.
 
-    The boxes are zeroed in place and restored afterwards (a whole-volume map is as large as the
-    CT, so no copy of it is made); a read-only map is copied.
+    ``block`` ((lo, hi) in k, j, i, as ``target_block`` gives) limits the search to the part of the
+    grid where the map can be non-zero. The boxes are zeroed in place and restored afterwards (a
+    whole-volume map is as large as the CT, so no copy of it is made); a read-only map is copied.
     """
     if int(count) < 1:
         raise ValueError(f"the number of candidates must be at least 1, got {count}")
     if not float(separation_mm) >= 0:
         raise ValueError(f"the candidates' separation must be >= 0 mm, got {separation_mm}")
-    arr = heatmap.array if heatmap.array.flags.writeable else np.array(heatmap.array, copy=True)
+    lo = np.zeros(3, dtype=np.int64) if block is None else np.asarray(block[0], dtype=np.int64)
+    arr = heatmap.array
+    if block is not None:
+        arr = arr[tuple(slice(int(a), int(b)) for a, b in zip(block[0], block[1]))]
+    if not arr.flags.writeable:
+        arr = np.array(arr, copy=True)
     half = np.ceil(float(separation_mm) / np.abs(np.asarray(heatmap.spacing, dtype=np.float64))[::-1]).astype(int)
     found: list[tuple[np.ndarray, float]] = []
     saved: list[tuple[tuple[slice, ...], np.ndarray]] = []
@@ -422,7 +428,7 @@ def candidate_peaks(heatmap: Volume, count: int = CANDIDATE_COUNT,
             if peak is None:
                 break
             (k, j, i), value = peak
-            found.append((heatmap.ijk_to_ras_points([[i, j, k]])[0], value))
+            found.append((heatmap.ijk_to_ras_points([[i + lo[2], j + lo[1], k + lo[0]]])[0], value))
             box = tuple(slice(max(c - h, 0), c + h + 1) for c, h in zip((k, j, i), half))
             saved.append((box, arr[box].copy()))
             arr[box] = 0.0

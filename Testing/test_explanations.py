@@ -81,6 +81,9 @@ def test_top_k_pointing_finds_a_lesion_that_is_not_the_brightest_place():
     read_only = arr.copy()
     read_only.flags.writeable = False
     assert [v for _, v in candidate_peaks(Volume(read_only, affine))] == [v for _, v in found]
+    in_block = candidate_peaks(heat, block=(np.array([4, 3, 2]), np.array([7, 10, 40])))  # all that is non-zero
+    assert [v for _, v in in_block] == [v for _, v in found]
+    assert all(np.allclose(a, b) for (a, _), (b, _) in zip(in_block, found))
     assert candidate_peaks(Volume(np.zeros_like(arr), affine)) == []
     with pytest.raises(ValueError, match="at least 1"):
         candidate_peaks(heat, count=0)

@@ -334,9 +334,10 @@ class Predictor:
             _check_cancel(cancel)
             heat_vol = hm.heatmap_volume(canvas, volume)
             heat_vol.meta.update(method=heatmap, predicted_class=self.class_names[predicted])
-            label_vol = hm.labelmap_volume(heat_vol, label_value, float(threshold), hm.target_block(canvas, volume))
+            block = hm.target_block(canvas, volume)
+            label_vol = hm.labelmap_volume(heat_vol, label_value, float(threshold), block)
             candidates = [Candidate(tuple(float(v) for v in ras), value)  # type: ignore[arg-type]
-                          for ras, value in hm.candidate_peaks(heat_vol)]
+                          for ras, value in hm.candidate_peaks(heat_vol, block=block)]
             timings["heatmap_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
 
