@@ -372,8 +372,16 @@ CANDIDATE_COUNT = 3
 CANDIDATE_SEPARATION_MM = 20.0
 
 
-def _plateau_peak(arr: np.ndarray) -> Optional[tuple[tuple[int, int, int], float]]:
-    """(k, j, i) and value of the maximum, or None when nothing is above 0.
+def _slice_maxima(arr: np.ndarray) -> np.ndarray:
+    """The maximum of each slice (axis 0): one pass over the map, then the search touches only the
+    slices that can hold the maximum."""
+    return arr.reshape(arr.shape[0], -1).max(axis=1) if arr.size else np.zeros(arr.shape[0], arr.dtype)
+
+
+def _plateau_peak(arr: np.ndarray, slice_max: Optional[np.ndarray] = None
+                  ) -> Optional[tuple[tuple[int, int, int], float]]:
+    """(k, j, i) and value of the maximum, or None when nothing is above 0. ``slice_max`` are the
+    slices' maxima (``_slice_maxima``) when the caller keeps them.
 
     A map upsampled from a coarse feature grid has plateaus: a Grad-CAM map from a feature map one
     voxel deep is constant along the slices of its window. The first maximal voxel would then sit
@@ -381,10 +389,16 @@ def _plateau_peak(arr: np.ndarray) -> Optional[tuple[tuple[int, int, int], float
     """
     if arr.size == 0:
         return None
-    top = float(arr.max())
+    if slice_max is None:
+        slice_max = _slice_maxima(arr)
+    top = float(slice_max.max())
     if top <= 0:
         return None
-    plateau = np.argwhere(arr >= top * (1.0 - 1e-6))  # (N, 3) k, j, i
+    level = top * (1.0 - 1e-6)
+    plateau = np.concatenate([  # (N, 3) k, j, i
+        np.c_[np.full(len(jis), k), jis] for k in np.flatnonzero(slice_max >= level)
+        for jis in (np.argwhere(arr[k] >= level),)
+    ])
     centre = plateau.mean(axis=0)
     k, j, i = plateau[int(np.argmin(((plateau - centre) ** 2).sum(axis=1)))]
     return (int(k), int(j), int(i)), top
@@ -422,9 +436,10 @@ def candidate_peaks(heatmap: Volume, count: int = CANDIDATE_COUNT, separation_mm
     half = np.ceil(float(separation_mm) / np.abs(np.asarray(heatmap.spacing, dtype=np.float64))[::-1]).astype(int)
     found: list[tuple[np.ndarray, float]] = []
     saved: list[tuple[tuple[slice, ...], np.ndarray]] = []
+    slice_max = _slice_maxima(arr)
     try:
         while len(found) < int(count):
-            peak = _plateau_peak(arr)
+            peak = _plateau_peak(arr, slice_max)
             if peak is None:
                 break
             (k, j, i), value = peak
@@ -432,6 +447,7 @@ def candidate_peaks(heatmap: Volume, count: int = CANDIDATE_COUNT, separation_mm
             box = tuple(slice(max(c - h, 0), c + h + 1) for c, h in zip((k, j, i), half))
             saved.append((box, arr[box].copy()))
             arr[box] = 0.0
+            slice_max[box[0]] = _slice_maxima(arr[box[0]])
     finally:
         for box, values in reversed(saved):
             arr[box] = values

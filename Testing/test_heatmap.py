@@ -180,6 +180,42 @@ def test_peak_ras_and_empty_map() -> None:
     np.testing.assert_allclose(hm.peak_ras(vol), [1.0 + 10.0, 2.0 + 2.0, 3.0])
 
 
+def _peak_by_the_rule(arr: np.ndarray):
+    """The plateau rule on the whole array at once (what the slice-by-slice search must equal)."""
+    top = float(arr.max())
+    if top <= 0:
+        return None
+    plateau = np.argwhere(arr >= top * (1.0 - 1e-6))
+    centre = plateau.mean(axis=0)
+    return tuple(int(v) for v in plateau[int(np.argmin(((plateau - centre) ** 2).sum(axis=1)))])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_peak_and_candidates_equal_the_whole_array_rule(seed: int) -> None:
+    """The search visits only the slices that can hold the maximum; on maps with ties across slices
+    (coarse values, plateaus) it finds what the rule applied to the whole array finds, and each next
+    candidate is the rule's peak once the boxes around the ones before are zeroed."""
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(3, 12)), int(rng.integers(4, 20)), int(rng.integers(4, 20)))
+    arr = (rng.integers(0, 6, size=shape) / 5.0).astype(np.float32)  # few levels: many ties
+    vol = Volume.from_geometry(arr, (2.0, 1.5, 1.0), (3.0, -4.0, 5.0))
+    k, j, i = _peak_by_the_rule(arr)
+    np.testing.assert_allclose(hm.peak_ras(vol), vol.ijk_to_ras_points([[i, j, k]])[0])
+    work, expected = arr.copy(), []
+    half = np.ceil(6.0 / np.abs(np.asarray(vol.spacing))[::-1]).astype(int)
+    while len(expected) < 4 and (peak := _peak_by_the_rule(work)) is not None:
+        k, j, i = peak
+        expected.append((vol.ijk_to_ras_points([[i, j, k]])[0], float(work[k, j, i])))
+        work[max(k - half[0], 0):k + half[0] + 1, max(j - half[1], 0):j + half[1] + 1,
+             max(i - half[2], 0):i + half[2] + 1] = 0.0
+    found = hm.candidate_peaks(vol, count=4, separation_mm=6.0)
+    assert len(found) == len(expected) >= 1
+    for (ras, value), (want_ras, want_value) in zip(found, expected):
+        np.testing.assert_allclose(ras, want_ras)
+        assert value == pytest.approx(want_value)
+    np.testing.assert_array_equal(vol.array, arr)  # restored
+
+
 def test_full_size_ct_grid_is_filled() -> None:
     """Heatmap back onto a 512 x 512 x 300 CT grid from a preprocessed-grid canvas (its speed is
     bench W3's business, not a timed test's)."""
