@@ -75,6 +75,9 @@ def test_predict_writes_four_files_on_the_input_geometry(ckpt, ct_file, case, tm
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stdout = capsys.readouterr().out
     assert "predicted:" in stdout and str(out) in stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("heatmap places to look at (RAS mm, map value): 1 ("))
+    first = [float(v) for v in line.split("1 (", 1)[1].split(")", 1)[0].split(",")]
+    np.testing.assert_allclose(first, places[0]["ras"], atol=0.051)
     # No temporary folder left next to the result.
     assert [p.name for p in tmp_path.iterdir()] == ["result"]
 
@@ -190,6 +193,8 @@ def test_batch_over_a_folder_and_a_csv(ckpt, case, tmp_path, capsys) -> None:
     j1 = json.loads((out2 / "p1" / "prediction.json").read_text())
     np.testing.assert_allclose(j1["lesion_box_ras"], np.asarray(case.lesion_box_ras), atol=1e-3)
     assert summary.loc["p1", "probability"] == pytest.approx(j1["probability"], abs=1e-5)
+    peak = [summary.loc["p1", f"peak_{axis}"] for axis in "ras"]  # the heatmap's peak, where to look first
+    np.testing.assert_allclose(peak, j1["heatmap_candidates"][0]["ras"], atol=0.01)
     # The decision threshold and the true class are in the summary; an A-vs-G model warns about B and E.
     assert summary.loc["p1", "decision_threshold"] == pytest.approx(j1["decision_threshold"]) == 0.5
     assert summary.loc["p1", "true_label"] == case.label == "G" and summary.loc["p2", "true_label"] == "A"

@@ -169,6 +169,10 @@ def _print_result(result, out: Path) -> None:
     probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.class_names, result.probabilities))
     print(f"predicted: {result.decision_text(3)}  [{probs}]")
     print(f"windows: {len(result.windows)}, time: {result.timings.get('total_s', 0.0):.1f} s")
+    if result.candidates:
+        places = "; ".join(f"{n} ({', '.join(f'{v:.1f}' for v in c.ras)}) {c.value:.2f}"
+                           for n, c in enumerate(result.candidates, 1))
+        print(f"heatmap places to look at (RAS mm, map value): {places}")
     for w in result.warnings:
         print(f"warning: {w}")
     if result.model.get("demo"):
@@ -365,6 +369,8 @@ def _run_batch(args: argparse.Namespace, predictor) -> int:
                 row["correct"] = "" if case["true_label"] in unknown else str(result.predicted_class == case["true_label"]).lower()
             for c, p in zip(result.class_names, result.probabilities):
                 row[f"p_{c}"] = f"{float(p):.6f}"
+            if result.candidates:  # the heatmap's peak (the others are in the case's prediction.json)
+                row.update({f"peak_{axis}": f"{float(v):.2f}" for axis, v in zip("ras", result.candidates[0].ras)})
         except (ValueError, FileNotFoundError, NotADirectoryError, OSError, RuntimeError) as exc:
             failures += 1
             row.update(status="error", error=f"{type(exc).__name__}: {exc}")
