@@ -1,5 +1,6 @@
 """preview.png: axial, coronal and sagittal CT slices through the lesion (or the heatmap peak),
-with the heatmap overlay, a colour bar for it and a legend for the lesion marker.
+with the heatmap overlay, a colour bar for it, the heatmap's candidate places near each slice
+(numbered as in prediction.json) and a legend for the markers.
 
 The volume is shown in the patient frame: its axes are permuted and flipped to the nearest RAS
 axes (oblique grids are shown on their nearest axes, which is enough for a preview), axial and
@@ -59,6 +60,24 @@ def _ras_index(volume: Volume, point_ras: Sequence[float]) -> np.ndarray:
     return out
 
 
+#: A candidate place is drawn on a view when it lies within this distance (mm) of the view's slice.
+CANDIDATE_NEAR_MM = 10.0
+
+
+def candidates_in_view(ct: Volume, candidates_ras: Sequence[Sequence[float]], focus: np.ndarray, normal_axis: int,
+                       near_mm: float = CANDIDATE_NEAR_MM) -> list[tuple[int, np.ndarray]]:
+    """(rank from 1, position in the [R, A, S] array) of the candidates within ``near_mm`` of the
+    slice through ``focus`` (array index) across ``normal_axis`` (0 R, 1 A, 2 S)."""
+    axes, _ = _nearest_ras_frame(ct)
+    step = float(ct.spacing[2 - axes[normal_axis]])
+    shown = []
+    for rank, ras in enumerate(candidates_ras, 1):
+        index = _ras_index(ct, ras)
+        if abs(index[normal_axis] - focus[normal_axis]) * step <= near_mm:
+            shown.append((rank, index))
+    return shown
+
+
 def preview_focus(
     ct: Volume,
     heatmap: Optional[Volume] = None,
@@ -88,12 +107,14 @@ def render_preview(
     lesion_box_ras: Optional[Sequence[Sequence[float]]] = None,
     title: str = "",
     focus_ras: Optional[Sequence[float]] = None,
+    candidates_ras: Sequence[Sequence[float]] = (),
 ) -> Path:
     """Write a three-view PNG (atomically). Slices pass through ``focus_ras``, else the given
     lesion (the box centre; a point is a box of size 0), else the heatmap peak, else the volume
     centre: a reader checks the map against the lesion they marked, so the views show that lesion
     even when the map's peak lies elsewhere. The lesion is drawn as a cyan box (a cross for a
-    point), and a colour bar gives the heatmap's scale."""
+    point), the heatmap's candidate places within ``CANDIDATE_NEAR_MM`` of a view's slice as
+    numbered yellow circles, and a colour bar gives the heatmap's scale."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -154,6 +175,13 @@ def render_preview(
                 ax.plot([(x0 + x1) / 2], [(y0 + y1) / 2], marker="+", color="cyan", markersize=14, mew=1.5)
             else:
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1.2))
+        normal = 3 - h_axis - v_axis
+        for rank, index in candidates_in_view(ct, candidates_ras, focus, normal):
+            x = (index[h_axis] + 0.5) * sp_ras[h_axis]
+            x = w_mm - x if flip_h else x
+            y = (index[v_axis] + 0.5) * sp_ras[v_axis]
+            ax.plot([x], [y], marker="o", markersize=13, markerfacecolor="none", markeredgecolor="yellow", mew=1.3)
+            ax.text(x + 0.04 * w_mm, y + 0.04 * h_mm, str(rank), color="yellow", fontsize=9, fontweight="bold")
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -169,6 +197,10 @@ def render_preview(
         handles.append(Line2D([], [], color="cyan", marker="+" if is_point else "s", linestyle="none",
                               markerfacecolor="none", markersize=9,
                               label="lesion point given" if is_point else "lesion box given"))
+    if len(candidates_ras):
+        handles.append(Line2D([], [], color="yellow", marker="o", linestyle="none", markerfacecolor="none",
+                              markersize=9, label=f"heatmap places 1-{len(candidates_ras)} "
+                              f"(within {CANDIDATE_NEAR_MM:g} mm of the slice)"))
     handles.append(Line2D([], [], color="none", label=f"slices through the {focus_source}"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:

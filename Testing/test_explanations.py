@@ -642,6 +642,21 @@ def test_preview_slices_pass_through_the_lesion_else_the_peak(tmp_path):
     out = render_preview(ct, tmp_path / "p.png", heatmap=heat, lesion_box_ras=box, title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Candidate places: drawn on a view only when near its slice, at their own position.
+    from MMCAFNetLib.preview import CANDIDATE_NEAR_MM, _ras_index, candidates_in_view
+
+    near, far = heat.ijk_to_ras_points([[22, 12, 7]])[0], heat.ijk_to_ras_points([[5, 4, 1]])[0]
+    focus = np.round(_ras_index(ct, (box[0] + box[1]) / 2)).astype(int)
+    for normal in range(3):
+        shown = candidates_in_view(ct, [near, far], focus, normal)
+        assert [rank for rank, _ in shown][:1] == [1]  # the place inside the lesion is on every view
+        np.testing.assert_allclose(shown[0][1], _ras_index(ct, near))
+        distance = abs(_ras_index(ct, far)[normal] - focus[normal]) * np.abs(np.diag(affine)[:3])[normal]
+        assert (2 in [rank for rank, _ in shown]) == (distance <= CANDIDATE_NEAR_MM)
+    with_places = render_preview(ct, tmp_path / "q.png", heatmap=heat, lesion_box_ras=box, title="t",
+                                 candidates_ras=[near, far])
+    assert with_places.read_bytes() != out.read_bytes()
+
 
 # ----------------------------------------------------------------------------- end to end
 def test_supervised_training_and_localisation_report(tmp_path_factory, tmp_path):

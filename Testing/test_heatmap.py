@@ -191,29 +191,53 @@ def _peak_by_the_rule(arr: np.ndarray):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_peak_and_candidates_equal_the_whole_array_rule(seed: int) -> None:
-    """The search visits only the slices that can hold the maximum; on maps with ties across slices
-    (coarse values, plateaus) it finds what the rule applied to the whole array finds, and each next
-    candidate is the rule's peak once the boxes around the ones before are zeroed."""
+def test_peak_and_candidates_follow_their_rule(seed: int) -> None:
+    """peak_ras visits only the slices that can hold the maximum and finds what the rule applied to
+    the whole array finds, on maps with ties across slices. candidate_peaks, on a grid as coarse as
+    its blocks (one voxel each), gives the peak, then the highest voxels at least as high as their
+    26 neighbours, each outside the boxes around the places before (a map without ties)."""
     rng = np.random.default_rng(seed)
     shape = (int(rng.integers(3, 12)), int(rng.integers(4, 20)), int(rng.integers(4, 20)))
     arr = (rng.integers(0, 6, size=shape) / 5.0).astype(np.float32)  # few levels: many ties
-    vol = Volume.from_geometry(arr, (2.0, 1.5, 1.0), (3.0, -4.0, 5.0))
+    vol = Volume.from_geometry(arr, (3.0, 3.5, 4.0), (3.0, -4.0, 5.0))  # >= 3 mm: one voxel per block
     k, j, i = _peak_by_the_rule(arr)
     np.testing.assert_allclose(hm.peak_ras(vol), vol.ijk_to_ras_points([[i, j, k]])[0])
-    work, expected = arr.copy(), []
-    half = np.ceil(6.0 / np.abs(np.asarray(vol.spacing))[::-1]).astype(int)
-    while len(expected) < 4 and (peak := _peak_by_the_rule(work)) is not None:
-        k, j, i = peak
-        expected.append((vol.ijk_to_ras_points([[i, j, k]])[0], float(work[k, j, i])))
-        work[max(k - half[0], 0):k + half[0] + 1, max(j - half[1], 0):j + half[1] + 1,
-             max(i - half[2], 0):i + half[2] + 1] = 0.0
-    found = hm.candidate_peaks(vol, count=4, separation_mm=6.0)
-    assert len(found) == len(expected) >= 1
-    for (ras, value), (want_ras, want_value) in zip(found, expected):
-        np.testing.assert_allclose(ras, want_ras)
-        assert value == pytest.approx(want_value)
-    np.testing.assert_array_equal(vol.array, arr)  # restored
+
+    arr = rng.random(shape).astype(np.float32)  # the candidates' order needs no ties
+    vol = Volume(arr, vol.ijk_to_ras)
+    k, j, i = _peak_by_the_rule(arr)
+    padded = np.pad(arr, 1, constant_values=-1.0)
+    neighbours = np.max([padded[1 + dk:1 + dk + shape[0], 1 + dj:1 + dj + shape[1], 1 + di:1 + di + shape[2]]
+                         for dk in (-1, 0, 1) for dj in (-1, 0, 1) for di in (-1, 0, 1)
+                         if (dk, dj, di) != (0, 0, 0)], axis=0)
+    half = np.ceil(7.0 / np.array([4.0, 3.5, 3.0])).astype(int)  # separation 7 mm along k, j, i
+    expected = [np.array((k, j, i))]
+    tops = np.argwhere((arr >= neighbours) & (arr >= hm.CANDIDATE_MIN_RELATIVE * arr.max()))
+    for kji in tops[np.argsort(-arr[tuple(tops.T)], kind="stable")]:
+        if len(expected) < 4 and not any(np.all(np.abs(kji - e) <= half) for e in expected):
+            expected.append(kji)
+    found = hm.candidate_peaks(vol, count=4, separation_mm=7.0)
+    assert len(found) == len(expected)
+    for (ras, value), kji in zip(found, expected):
+        assert value == pytest.approx(float(arr[tuple(kji)]))
+        np.testing.assert_allclose(ras, vol.ijk_to_ras_points([kji[::-1]])[0])
+    np.testing.assert_array_equal(vol.array, arr)  # the map is left as it was
+
+
+def test_candidates_are_peaks_not_the_slopes_of_a_brighter_one() -> None:
+    """One smooth blob is one place, however wide; a second, dimmer blob 40 mm away is the second."""
+    k, j, i = np.indices((20, 80, 80)).astype(np.float32)
+    one = np.exp(-(((k - 10) / 4) ** 2 + ((j - 40) / 12) ** 2 + ((i - 20) / 12) ** 2))
+    vol = Volume.from_geometry(one.astype(np.float32), (1.0, 1.0, 2.0))  # spacing i, j, k
+    found = hm.candidate_peaks(vol, count=3, separation_mm=20.0)
+    assert len(found) == 1 and found[0][1] == pytest.approx(1.0)
+    two = one + 0.5 * np.exp(-(((k - 10) / 4) ** 2 + ((j - 40) / 6) ** 2 + ((i - 60) / 6) ** 2))
+    found = hm.candidate_peaks(Volume(two.astype(np.float32), vol.ijk_to_ras), count=3, separation_mm=20.0)
+    assert len(found) == 2
+    np.testing.assert_allclose(found[1][0], vol.ijk_to_ras_points([[60, 40, 10]])[0], atol=1.01)
+    assert found[1][1] == pytest.approx(float(two[10, 40, 60]), abs=1e-6)
+    faint = one + 0.15 * np.exp(-(((k - 10) / 4) ** 2 + ((j - 40) / 6) ** 2 + ((i - 60) / 6) ** 2))
+    assert len(hm.candidate_peaks(Volume(faint.astype(np.float32), vol.ijk_to_ras))) == 1  # under a fifth
 
 
 def test_full_size_ct_grid_is_filled() -> None:

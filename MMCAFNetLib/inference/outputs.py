@@ -151,7 +151,8 @@ def write_outputs(
             if result.model.get("demo"):
                 title += "   DEMO model, synthetic data, not for clinical use"
             box = preview_box_ras if preview_box_ras is not None else result.model.get("lesion_box_ras")
-            render_preview(ct, tmp / "preview.png", heatmap=result.heatmap, lesion_box_ras=box, title=title)
+            render_preview(ct, tmp / "preview.png", heatmap=result.heatmap, lesion_box_ras=box, title=title,
+                           candidates_ras=[c.ras for c in result.candidates])
         for future in volume_writes:
             future.result()  # re-raises a failed write
         written = sorted(p.name for p in tmp.iterdir())
