@@ -43,7 +43,7 @@ class Classification:
 
     ``probabilities`` are per class in ``class_names`` order (for a binary model: [1-p, p]).
     ``heatmap`` (float32 0..1) and ``labelmap`` (uint8) are on the input CT's grid, or None;
-    ``candidates`` are the heatmap's highest places (none without a heatmap).
+    ``candidates`` are the heatmap's highest peaks (none without a heatmap).
     """
 
     class_names: list[str]

@@ -7,7 +7,7 @@ sliding windows over the body, the lesion unknown to the model). Two measures pe
 - **pointing game**: the heatmap's peak (``heatmap.peak_ras``) lies inside the lesion box grown by a
   margin on every side (5 mm lesion-guided, 10 mm whole-volume by default: a whole-volume map comes
   from coarser context and a reader looks around the peak anyway). A map that is all zero misses.
-- **top-k pointing**: any of the map's ``TOP_K`` highest places at least ``CANDIDATE_SEPARATION_MM``
+- **top-k pointing**: any of the map's ``TOP_K`` highest peaks at least ``CANDIDATE_SEPARATION_MM``
   apart (``candidate_peaks``) lies in the grown box: what a reader shown a short list of candidates
   would find, where the one peak is taken by a brighter structure elsewhere.
 - **mass in box**: the share of the heatmap's total value that lies on voxels whose centre is inside
