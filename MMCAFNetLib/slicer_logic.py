@@ -457,8 +457,12 @@ def loaded_summary(loaded: Any) -> str:
 
 
 def result_summary(result: Classification) -> str:
-    """One line for the GUI: class, probability, and a warning for demo models."""
+    """One line for the GUI: class, probability, the heatmap's peaks marked, and a warning for demo
+    models."""
     line = f"{result.predicted_label} ({result.predicted_class}): {100 * result.probability:.1f}%"
+    count = len(result.candidates)
+    if count:
+        line += f"; heatmap peaks marked 1-{count}" if count > 1 else "; heatmap peak marked 1"
     if result.model.get("demo"):
         line += "  -  DEMO MODEL trained on synthetic data: not a diagnosis"
     return line

@@ -236,6 +236,8 @@ def test_the_panels_path_from_parameter_node_to_outputs(slicer_module, mrml_scen
     assert written["heatmap"].GetDisplayNode().GetLowerThreshold() == pytest.approx(0.3)
     summary = logic.panel.job_summary(job)
     assert summary.startswith(job.result.predicted_label) and "DEMO MODEL" in summary and summary.endswith(" s)")
+    count = len(job.result.candidates)
+    assert (f"heatmap peaks marked 1-{count}" if count > 1 else "heatmap peak marked 1") in summary
 
 
 def test_logic_classify_blocks_and_replaces_its_outputs(slicer_module, mrml_scene):
