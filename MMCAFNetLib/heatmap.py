@@ -376,25 +376,18 @@ CANDIDATE_GRID_MM = 3.0
 CANDIDATE_MIN_RELATIVE = 0.2
 
 
-def _slice_maxima(arr: np.ndarray) -> np.ndarray:
-    """The maximum of each slice (axis 0): one pass over the map, then the search touches only the
-    slices that can hold the maximum."""
-    return arr.reshape(arr.shape[0], -1).max(axis=1) if arr.size else np.zeros(arr.shape[0], arr.dtype)
-
-
-def _plateau_peak(arr: np.ndarray, slice_max: Optional[np.ndarray] = None
-                  ) -> Optional[tuple[tuple[int, int, int], float]]:
-    """(k, j, i) and value of the maximum, or None when nothing is above 0. ``slice_max`` are the
-    slices' maxima (``_slice_maxima``) when the caller keeps them.
+def _plateau_peak(arr: np.ndarray) -> Optional[tuple[tuple[int, int, int], float]]:
+    """(k, j, i) and value of the maximum, or None when nothing is above 0.
 
     A map upsampled from a coarse feature grid has plateaus: a Grad-CAM map from a feature map one
     voxel deep is constant along the slices of its window. The first maximal voxel would then sit
     on the window's edge; the maximal voxel nearest the plateau's centroid is where the evidence is.
+    The slices' maxima come first (one pass over the map), so that the plateau is looked for only
+    in the slices that can hold it.
     """
     if arr.size == 0:
         return None
-    if slice_max is None:
-        slice_max = _slice_maxima(arr)
+    slice_max = arr.reshape(arr.shape[0], -1).max(axis=1)
     top = float(slice_max.max())
     if top <= 0:
         return None
@@ -453,12 +446,11 @@ def candidate_peaks(heatmap: Volume, count: int = CANDIDATE_COUNT, separation_mm
 
     The others are peaks of their own, not the slopes of a brighter one. The map is cut into blocks
     of about ``CANDIDATE_GRID_MM`` (a whole-volume map is as large as the CT); a block whose
-    maximum is at least each neighbouring block's holds a peak, and the maximal voxel there (the
-    middle of a plateau, as for ``peak_ras``) is the place.
-    They are taken highest first, each outside the boxes of half-width ``separation_mm`` around the
-    places before; fewer where the map has no more peaks of at least ``CANDIDATE_MIN_RELATIVE``
-    of the highest. ``block`` ((lo, hi) in k, j, i, as
-    ``target_block`` gives) limits the search to the part of the grid where the map can be non-zero.
+    maximum is at least each neighbouring block's holds a peak, and the maximal voxel around it
+    (the middle of a plateau, as for ``peak_ras``) is the place. They are taken highest first, each
+    outside the boxes of half-width ``separation_mm`` around the places before; fewer where the map
+    has no more peaks of at least ``CANDIDATE_MIN_RELATIVE`` of the highest. ``block`` ((lo, hi) in
+    k, j, i, as ``target_block`` gives) limits the search to where the map can be non-zero.
     """
     if int(count) < 1:
         raise ValueError(f"the number of candidates must be at least 1, got {count}")
@@ -487,9 +479,7 @@ def candidate_peaks(heatmap: Volume, count: int = CANDIDATE_COUNT, separation_mm
             # The block and its neighbours: a plateau spread over several blocks peaks at its centre.
             start = np.maximum(blocks[n] - 1, 0) * step
             cell = tuple(slice(int(a), int(b)) for a, b in zip(start, (blocks[n] + 2) * step))
-            peak = _plateau_peak(arr[cell])
-            if peak is None:
-                continue
+            peak = _plateau_peak(arr[cell])  # not None: the cell holds the block's maximum, above 0
             kji = np.array(peak[0]) + start
             if any(np.all(np.abs(kji - p) <= half) for p, _ in places):
                 continue

@@ -207,6 +207,5 @@ def read_result(folder: Path) -> Classification:
         timings=dict(data.get("timings") or {}),
         model=dict(data.get("model") or {}),
         warnings=list(data.get("warnings") or []),
-        candidates=[Candidate(tuple(float(v) for v in c["ras"]), float(c["value"]))  # type: ignore[arg-type]
-                    for c in data.get("candidates") or []],
+        candidates=[Candidate.from_plain(c) for c in data.get("candidates") or []],
     )

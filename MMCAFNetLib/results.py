@@ -36,6 +36,15 @@ class Candidate:
     ras: tuple[float, float, float]
     value: float
 
+    @classmethod
+    def from_plain(cls, entry: dict[str, Any]) -> Candidate:
+        """One candidate as JSON holds it (``ras``, ``value``); three finite coordinates or a
+        ValueError."""
+        ras = tuple(float(v) for v in entry["ras"])
+        if len(ras) != 3 or not all(np.isfinite(ras)):
+            raise ValueError(f"a heatmap candidate needs 3 finite RAS coordinates, got {entry['ras']!r}")
+        return cls(ras, float(entry["value"]))  # type: ignore[arg-type]
+
 
 @dataclass
 class Classification:

@@ -477,7 +477,8 @@ def _write_candidates(scene: Any, ct_node: Any, result: Classification, base: st
     from MMCAFNetLib.inference.slicer_files import CANDIDATE_RGB, candidate_description
 
     ijk = result.heatmap.ras_to_ijk_points([c.ras for c in result.candidates]) if result.candidates else []
-    local = [(node_ijk_to_ras(ct_node) @ np.append(p, 1.0))[:3] for p in ijk]
+    ct_ijk_to_ras = node_ijk_to_ras(ct_node)
+    local = [(ct_ijk_to_ras @ np.append(p, 1.0))[:3] for p in ijk]
     node = _new_output(scene, "vtkMRMLMarkupsFiducialNode", f"{base} MMCAFNet candidates", "candidates", ct_node)
     node.CreateDefaultDisplayNodes()
     node.SetAndObserveTransformNodeID(ct_node.GetTransformNodeID())

@@ -33,8 +33,8 @@ BASELINE = "window-centre"
 #: Default margins (mm) added on every side of the lesion box for the pointing game.
 MARGINS_MM = {"lesion": 5.0, "whole": 10.0}
 RUN_KINDS = ("lesion", "whole")
-#: Candidate peaks per map for the top-k pointing game, and how far apart they must lie (mm): the
-#: places the Predictor names to the reader (``heatmap.candidate_peaks``).
+#: Candidate peaks per map for the top-k pointing game: the places the Predictor names to the
+#: reader (``heatmap.candidate_peaks``).
 TOP_K = CANDIDATE_COUNT
 
 

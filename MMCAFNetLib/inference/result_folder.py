@@ -138,18 +138,10 @@ def _classification(p: dict[str, Any], path: Path) -> Classification:
             threshold=0.5 if threshold is None else float(threshold), windows=windows, heatmap=None, labelmap=None,
             label_value=int(p.get("label_value") or 0), timings=dict(p.get("timings") or {}),
             model=dict(p.get("model") or {}), warnings=[str(w) for w in p.get("warnings") or []],
-            candidates=[_candidate(c) for c in p.get("heatmap_candidates") or []],
+            candidates=[Candidate.from_plain(c) for c in p.get("heatmap_candidates") or []],
         )
     except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise ResultFolderError(f"{path} is inconsistent ({type(exc).__name__}: {exc}); write the results again") from None
-
-
-def _candidate(entry: dict[str, Any]) -> Candidate:
-    """One ``heatmap_candidates`` entry: three finite RAS coordinates and a value."""
-    ras = tuple(float(v) for v in entry["ras"])
-    if len(ras) != 3 or not all(np.isfinite(ras)):
-        raise ValueError(f"a heatmap candidate needs 3 finite RAS coordinates, got {entry['ras']!r}")
-    return Candidate(ras, float(entry["value"]))  # type: ignore[arg-type]
 
 
 def _ct_path(folder: Path, prediction: dict[str, Any]) -> Optional[Path]:
